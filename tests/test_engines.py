@@ -1,0 +1,83 @@
+"""Real engines on the real tiny model: transformers here; vLLM parity in test_vllm_parity.py."""
+
+import pytest
+
+from mote_ray.config import EngineConfig
+from mote_ray.engines import choose_engine, create_engine
+from mote_ray.engines.common import PromptTooLongError
+from mote_ray.errors import MoteError, UnsupportedModelError
+from mote_ray.models import resolve_model
+from mote_ray.records import GenerationRequest, SamplingParams
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a"]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    engine = create_engine(EngineConfig(model=tiny_model, engine="transformers", batch_size=8))
+    yield engine
+    engine.close()
+
+
+def _reqs(prompts, **sampling):
+    return [GenerationRequest(id=str(i), prompt=p, sampling=SamplingParams(**sampling)) for i, p in enumerate(prompts)]
+
+
+def test_generates_the_known_story(hf):
+    [res] = hf.generate(_reqs(["Once upon a time"], max_tokens=20))
+    # llama2.c's published sample for stories260K (doc/stories260K.md)
+    assert res.text.startswith(", there was a little girl named Lily. She loved to play")
+    assert res.completion_tokens == 20 and res.finish_reason == "length" and res.engine == "transformers"
+    assert res.prompt_tokens == 5
+
+
+def test_left_padded_batch_equals_one_by_one(hf):
+    batched = hf.generate(_reqs(PROMPTS, max_tokens=24))
+    single = [hf.generate(_reqs([p], max_tokens=24))[0] for p in PROMPTS]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.id for r in batched] == ["0", "1", "2"]
+
+
+def test_per_request_sampling_in_one_call(hf):
+    reqs = [GenerationRequest(id="g", prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=8)),
+            GenerationRequest(id="s1", prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=12, temperature=1.0, seed=7)),
+            GenerationRequest(id="s2", prompt=PROMPTS[0], sampling=SamplingParams(max_tokens=12, temperature=1.0, seed=7))]
+    g, s1, s2 = hf.generate(reqs)
+    assert g.completion_tokens == 8 and s1.completion_tokens == 12
+    assert s1.token_ids == s2.token_ids  # same seed, same sample
+
+
+def test_stop_strings_and_context_cap(tiny_model):
+    engine = create_engine(EngineConfig(model=tiny_model, engine="transformers", max_model_len=24))
+    [r] = engine.generate(_reqs(["Once upon a time"], max_tokens=64, stop=["Lily"]))
+    assert r.finish_reason == "stop" and "Lily" not in r.text and r.text.endswith("named ")
+    [r] = engine.generate(_reqs(["Once upon a time"], max_tokens=64))
+    assert r.prompt_tokens + r.completion_tokens == 24 and r.finish_reason == "length"
+    with pytest.raises(PromptTooLongError, match="max_model_len=24"):
+        engine.generate(_reqs(["Once upon a time " * 10]))
+
+
+def test_chat_messages_use_the_template(hf):
+    [r] = hf.generate([GenerationRequest(messages=[{"role": "user", "content": "Tell me a story"}],
+                                         sampling=SamplingParams(max_tokens=6))])
+    assert r.prompt_tokens > 8 and r.completion_tokens >= 1
+
+
+def test_unknown_adapter_is_a_clear_error(hf):
+    with pytest.raises(MoteError, match="not loaded"):
+        hf.generate([GenerationRequest(prompt="x", adapter="nope")])
+    with pytest.raises(MoteError, match="cannot load adapter"):
+        hf.load_adapter("bad", "/nonexistent/adapter")
+
+
+def test_auto_explains_its_choice(tiny_model, tiny_model_hd32):
+    narrow = choose_engine(EngineConfig(device="cpu"), resolve_model(tiny_model))
+    assert narrow.name == "transformers" and "head_dim" in narrow.reason
+    with pytest.raises(UnsupportedModelError, match="head_dim=8"):
+        choose_engine(EngineConfig(engine="vllm", device="cpu"), resolve_model(tiny_model))
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-arch", "architectures": ["NoSuchLM"]}')
+    with pytest.raises(MoteError):
+        create_engine(EngineConfig(model=str(tmp_path), engine="transformers"))
