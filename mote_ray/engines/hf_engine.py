@@ -64,23 +64,26 @@ class TransformersEngine:
                 raise MoteError(f"request {r.id!r} names adapter {r.adapter!r}, which is not loaded "
                                 f"(loaded: {sorted(self.adapters) or 'none'})")
         # One generate() call per sampling setting; rows sorted by length to limit padding.
+        # Seeds are not part of the key: torch has one RNG per batch, so a micro-batch is seeded by
+        # its first request's seed (vLLM seeds each request; see docs/engines.md).
         groups: dict[SamplingParams, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            groups[r.sampling].append(i)
+            groups[r.sampling.model_copy(update={"seed": None})].append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
         bs = self.config.batch_size
         for sampling, idx in groups.items():
             idx.sort(key=lambda i: len(prompt_ids[i]))
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]
-                outs = self._generate_chunk(sampling, [prompt_ids[i] for i in chunk],
+                seed = next((requests[i].sampling.seed for i in chunk if requests[i].sampling.seed is not None), None)
+                outs = self._generate_chunk(sampling, seed, [prompt_ids[i] for i in chunk],
                                             [budgets[i] for i in chunk], [requests[i].adapter for i in chunk])
                 for i, gen in zip(chunk, outs):
                     results[i] = make_result(requests[i], self.tokenizer, gen, len(prompt_ids[i]), budgets[i],
                                              engine=self.name, model=self.model.name)
         return results  # type: ignore[return-value]
 
-    def _generate_chunk(self, sampling: SamplingParams, ids: list[list[int]], budgets: list[int],
+    def _generate_chunk(self, sampling: SamplingParams, seed: int | None, ids: list[list[int]], budgets: list[int],
                         adapters: list[str | None]) -> list[list[int]]:
         import torch
 
@@ -96,8 +99,8 @@ class TransformersEngine:
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=tok)
         if self.adapters:
             kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.lm.generate(**batch, **kwargs)
         gen = out[:, batch["input_ids"].shape[1]:].tolist()

@@ -66,8 +66,12 @@ class VLLMEngine:
                 raise MoteError(f"request {r.id!r} names adapter {r.adapter!r}, which is not loaded "
                                 f"(loaded: {sorted(self.adapters) or 'none'})")
             loras.append(self.adapters.get(r.adapter) if r.adapter else None)
+        # vLLM's CPU worker crashes on per-request seeds ("CPU Generator does not use offset": it
+        # rewinds a Philox offset CPU generators lack), so on CPU the engine-wide seed applies.
+        per_request_seed = self.device != "cpu"
         params = [VSampling(max_tokens=b, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
-                            top_k=r.sampling.top_k, seed=r.sampling.seed, stop=list(r.sampling.stop) or None,
+                            top_k=r.sampling.top_k, seed=r.sampling.seed if per_request_seed else None,
+                            stop=list(r.sampling.stop) or None,
                             skip_special_tokens=True)
                   for r, b in zip(requests, budgets)]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
