@@ -59,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     gen.add_argument("--json", action="store_true", help="print one JSON result per line")
     gen.set_defaults(func=cmd_generate_text)
+
+    g = sub.add_parser("generate", help="self-generate AlignCoT chains for prompt files (Ray Data job)")
+    _engine_args(g)
+    g.add_argument("--prompts", nargs="+", required=True, metavar="FILE",
+                   help="JSONL/JSON/CSV/Parquet/HH-RLHF files (.gz ok) or hf:NAME[:SPLIT]")
+    g.add_argument("--out", required=True, help="output directory (rerun with the same one to resume)")
+    g.add_argument("--format", default="auto", choices=["auto", "jsonl", "json", "csv", "parquet", "hh-rlhf", "hf"])
+    g.add_argument("--column", help="the prompt column (default: first of prompt, question, instruction, goal, ...)")
+    g.add_argument("--limit", type=int, help="only the first N accepted prompts")
+    g.add_argument("--config", help="YAML GenerateConfig (see jobs/configs/generate.yaml)")
+    g.add_argument("--templates", help="YAML overriding stage prompt templates")
+    g.add_argument("--workers", type=int, help="engine actors (default: sized from the cluster)")
+    g.add_argument("--batch-size", type=int, help="prompts per engine batch")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. policy=drop")
+    g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    g.set_defaults(func=cmd_generate)
     return p
 
 
@@ -68,14 +84,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default 512)")
 
 
 def _engine_config(args):
     from mote_ray.config import EngineConfig
 
     return EngineConfig(model=args.model, engine=args.engine, gguf_file=args.gguf_file, device=args.device,
-                        max_model_len=args.max_model_len)
+                        **({"max_model_len": args.max_model_len} if args.max_model_len else {}))
 
 
 @contextlib.contextmanager
@@ -174,6 +190,38 @@ def _generate_on_ray(config, requests, adapters, address) -> list[dict]:
     order = {r.id: i for i, r in enumerate(requests)}
     print(f"mote-ray: engine {out[0]['engine'] if out else '?'} on Ray Data, {len(out)} rows", file=sys.stderr)
     return sorted(({"id": o["id"], **{k: o[k] for k in RESULT_COLUMNS}} for o in out), key=lambda o: order[o["id"]])
+
+
+def cmd_generate(args) -> int:
+    from mote_ray.config import apply_overrides, load_yaml
+    from mote_ray.generation import GenerateConfig, run_generate
+    from mote_ray.stages import Templates
+
+    data = load_yaml(args.config) if args.config else {}
+    engine = dict(data.get("engine") or {})
+    for flag, key in (("model", "model"), ("gguf_file", "gguf_file"), ("max_model_len", "max_model_len")):
+        if getattr(args, flag) is not None:
+            engine[key] = getattr(args, flag)
+    for flag in ("engine", "device"):
+        if getattr(args, flag) != "auto" or flag not in engine:
+            engine[flag] = getattr(args, flag)
+    data["engine"] = engine
+    pool = dict(data.get("pool") or {})
+    if args.workers:
+        pool["size"] = args.workers
+    if args.batch_size:
+        pool["batch_size"] = args.batch_size
+    if pool:
+        data["pool"] = pool
+    config = GenerateConfig(**apply_overrides(data, args.set))
+    if args.templates:
+        config = config.model_copy(update={"templates": Templates.from_file(args.templates)})
+    _announce_model(config.engine)
+    stats = run_generate(config, args.prompts, args.out, fmt=args.format, column=args.column, limit=args.limit,
+                         address=args.address)
+    print(json.dumps(stats, indent=2))
+    print(f"mote-ray: chains in {args.out}/chains, stats in {args.out}/stats.json", file=sys.stderr)
+    return 0
 
 
 def _announce_model(config) -> None:

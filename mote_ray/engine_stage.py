@@ -64,8 +64,13 @@ def _plain(v):
 
 
 def map_engine(ds, engine_config: EngineConfig, pool: PoolConfig = PoolConfig(), *,
-               adapters: dict[str, str] | None = None, sampling: SamplingParams | None = None):
-    """`ds.map_batches(EngineStage, ...)` with an actor pool sized from the cluster (see cluster.plan_pool)."""
+               adapters: dict[str, str] | None = None, sampling: SamplingParams | None = None,
+               stage=None, stage_kwargs: dict | None = None):
+    """`ds.map_batches(stage, ...)` with an actor pool sized from the cluster (see cluster.plan_pool).
+
+    `stage` defaults to EngineStage; another stage class (e.g. generation.ChainStage) that builds its
+    engine from `stage_kwargs` gets the same pool sizing; its engine config gets the planned threads.
+    """
     import ray
 
     from mote_ray.cluster import plan_pool
@@ -76,10 +81,16 @@ def map_engine(ds, engine_config: EngineConfig, pool: PoolConfig = PoolConfig(),
         engine_config.device == "auto" and resources.get("GPU", 0) >= 1)
     plan = plan_pool(pool, resources, use_gpu=use_gpu)
     cfg = engine_config.model_copy(update={"threads": engine_config.threads or plan.threads})
+    if stage is None:
+        stage, kwargs = EngineStage, dict(engine_config=cfg.model_dump(), adapters=adapters,
+                                          sampling=(sampling or SamplingParams()).model_dump())
+    else:
+        kwargs = dict(stage_kwargs or {})
+        if "config" in kwargs:  # a job config holding an `engine` section
+            kwargs["config"] = {**kwargs["config"], "engine": cfg.model_dump()}
     return ds.map_batches(
-        EngineStage,
-        fn_constructor_kwargs=dict(engine_config=cfg.model_dump(), adapters=adapters,
-                                   sampling=(sampling or SamplingParams()).model_dump()),
+        stage,
+        fn_constructor_kwargs=kwargs,
         batch_size=pool.batch_size, batch_format="pyarrow",
         num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
         compute=ray.data.ActorPoolStrategy(size=plan.size),

@@ -1,0 +1,20 @@
+"""Every shipped config loads and validates without building an engine."""
+
+from pathlib import Path
+
+import pytest
+
+from mote_ray.config import load_yaml
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+LOADERS = {"generate": "mote_ray.generation:GenerateConfig"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_validates(path):
+    import importlib
+
+    module, cls = LOADERS[path.stem].split(":")
+    config = getattr(importlib.import_module(module), cls)(**load_yaml(path))
+    assert config.model_dump()
+    assert path.read_text().startswith("# mote-ray ")  # headed by the command that runs it
