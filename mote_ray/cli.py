@@ -75,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. policy=drop")
     g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="fine-tune MoTE experts (or a baseline) on generated chains with Ray Train")
+    t.add_argument("--model", default=None, help="base model (default: $MOTE_MODEL, else the offline tiny model)")
+    t.add_argument("--chains", required=True, help="a `mote-ray generate` output directory")
+    t.add_argument("--out", required=True)
+    t.add_argument("--workers", type=int)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--method", choices=["mote", "sft", "lora-chain"])
+    t.add_argument("--config", help="YAML TrainConfig (see jobs/configs/train.yaml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. mote.r=8")
+    t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("chat", help="run the reference MoTE generator on a trained model and print the stages")
+    c.add_argument("prompt")
+    c.add_argument("--model", required=True, help="a `mote-ray train` output directory")
+    c.add_argument("--mode", default="adaptive", choices=["adaptive", "direct", "analysis", "full"])
+    c.add_argument("--max-tokens", type=int, default=64, help="per stage")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(func=cmd_chat)
     return p
 
 
@@ -221,6 +242,41 @@ def cmd_generate(args) -> int:
                          address=args.address)
     print(json.dumps(stats, indent=2))
     print(f"mote-ray: chains in {args.out}/chains, stats in {args.out}/stats.json", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from mote_ray.config import apply_overrides, load_yaml
+    from mote_ray.training.run import TrainConfig, run_train
+
+    data = load_yaml(args.config) if args.config else {}
+    for key in ("model", "workers", "max_steps", "epochs", "method"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    config = TrainConfig(**apply_overrides(data, args.set))
+    metrics = run_train(config, args.chains, args.out, address=args.address)
+    print(json.dumps({k: metrics[k] for k in ("method", "steps", "chains", "first", "last", "adapters")}, indent=2))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from pathlib import Path
+
+    from mote_ray.chat import encode
+    from mote_ray.errors import MoteError
+    from mote_ray.mote.export import load_mote
+    from mote_ray.mote.generate import MoTEGenerator
+    from mote_ray.records import GenerationRequest
+
+    if not Path(args.model).is_dir():
+        raise MoteError(f"no trained model at {args.model} (expected a `mote-ray train` output directory)")
+    model, tok = load_mote(args.model)
+    gen = MoTEGenerator(model, tok)
+    ids = encode(tok, GenerationRequest(messages=[{"role": "user", "content": args.prompt}]))
+    limits = {s: args.max_tokens for s in ("analysis", "guidance", "answer")}
+    out = gen.generate(ids, mode=args.mode, limits=limits, temperature=args.temperature)
+    for stage, text in out.stages.items():
+        print(f"[{stage}] {text}")
     return 0
 
 

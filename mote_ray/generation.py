@@ -24,18 +24,22 @@ from mote_ray.config import EngineConfig, PoolConfig
 from mote_ray.stages import Templates
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("element", t))  # Parquet's own item name, so the schema round-trips
 CHAIN_SCHEMA = pa.schema([
     ("id", pa.string()),                  # content hash of the normalised dialogue (inputs.prompt_id)
     ("source", pa.string()),              # input file and
     ("row", pa.int64()),                  # 1-based row in it
-    ("history", pa.list_(_MESSAGE)),      # dialogue before the question (full, unclipped)
+    ("history", _list(_MESSAGE)),      # dialogue before the question (full, unclipped)
     ("question", pa.string()),
     ("analysis", pa.string()),            # null when the chain did not need it
     ("guidance", pa.string()),            # null when the chain did not need it
     ("answer", pa.string()),              # the last attempt's answer (null only on error)
-    ("stages", pa.list_(pa.string())),    # chain stages used, in order, e.g. ["analysis", "answer"]
-    ("attempts", pa.list_(pa.struct([     # every answer tried and its self-check, in order
-        ("stages", pa.list_(pa.string())), ("answer", pa.string()),
+    ("stages", _list(pa.string())),    # chain stages used, in order, e.g. ["analysis", "answer"]
+    ("attempts", _list(pa.struct([     # every answer tried and its self-check, in order
+        ("stages", _list(pa.string())), ("answer", pa.string()),
         ("verdict", pa.string()), ("check_text", pa.string())]))),
     ("verdict", pa.string()),             # last self-check: safe | unsafe | unparseable
     ("flagged", pa.bool_()),              # unsafe after all stages, or failed
@@ -47,7 +51,7 @@ CHAIN_SCHEMA = pa.schema([
     ("completion_tokens", pa.int64()),
     ("stage_tokens", pa.map_(pa.string(), pa.int64())),  # generated tokens per stage (incl. check)
     ("generation_seconds", pa.float64()), # this row's share of engine time
-    ("created_at", pa.timestamp("s", tz="UTC")),
+    ("created_at", pa.timestamp("ms", tz="UTC")),
 ])
 
 
@@ -107,7 +111,7 @@ class ChainStage:
                 "kept": s.error is None and not (flagged and self.config.policy == "drop"), "error": s.error,
                 "model": self.engine.model.name, "engine": self.engine.name, "prompt_tokens": s.prompt_tokens,
                 "completion_tokens": s.completion_tokens, "stage_tokens": list(s.stage_tokens.items()),
-                "generation_seconds": s.seconds, "created_at": int(time.time())}
+                "generation_seconds": s.seconds, "created_at": int(time.time() * 1000)}
 
 
 class _Metrics:

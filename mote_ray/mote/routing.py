@@ -1,0 +1,73 @@
+"""Which expert each token uses, and which spans may attend to which (step skipping).
+
+Stage ids per token come from the special tokens: a span runs from its start token to its end
+token inclusive (so at inference the expert switches as soon as a start token is emitted, and a
+stage's own end token is still its expert's). Tokens outside spans (history, question, padding)
+have stage id -1 and go to a stage expert chosen per sample: at random (seeded) in training, as
+in the paper, or a fixed one (config `prompt_expert`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mote_ray.stages import CHAIN_STAGES, STAGE_TOKENS
+
+EXPERTS = tuple(s.value for s in CHAIN_STAGES)  # expert index = position here; shared = len(EXPERTS)
+NO_STAGE = -1
+
+
+def stage_token_ids(tokenizer) -> dict[str, tuple[int, int]]:
+    """{stage: (start id, end id)} for a tokenizer that has the stage tokens added."""
+    ids = {}
+    for stage, (start, end) in STAGE_TOKENS.items():
+        s, e = tokenizer.convert_tokens_to_ids(start), tokenizer.convert_tokens_to_ids(end)
+        if s in (None, tokenizer.unk_token_id) or e in (None, tokenizer.unk_token_id):
+            raise ValueError(f"tokenizer lacks the stage tokens {start}/{end}; call mote.model.add_stage_tokens")
+        ids[stage.value] = (s, e)
+    return ids
+
+
+def stage_ids(input_ids: Sequence[int], token_ids: dict[str, tuple[int, int]]) -> list[int]:
+    """Per token: index into EXPERTS of the span it lies in, or NO_STAGE."""
+    start_of = {s: EXPERTS.index(stage) for stage, (s, _) in token_ids.items()}
+    end_of = {e: EXPERTS.index(stage) for stage, (_, e) in token_ids.items()}
+    out, current = [], NO_STAGE
+    for tok in input_ids:
+        if tok in start_of:
+            current = start_of[tok]
+        out.append(current)
+        if tok in end_of:
+            current = NO_STAGE
+    return out
+
+
+def expert_index(stages: torch.Tensor, prompt_expert: str = "random",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, seq) stage ids -> (batch, seq) expert index; NO_STAGE tokens get the prompt expert."""
+    if prompt_expert == "random":
+        fill = torch.randint(len(EXPERTS), (stages.shape[0], 1), generator=generator).to(stages.device)
+    else:
+        fill = torch.full((stages.shape[0], 1), EXPERTS.index(prompt_expert), device=stages.device)
+    return torch.where(stages == NO_STAGE, fill.expand_as(stages), stages)
+
+
+def skip_mask(stages: torch.Tensor, attention_mask: torch.Tensor, p_skip: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean attention mask, True = may attend (what sdpa takes).
+
+    Causal and padding-aware; per sample, each (later span, earlier span) pair is hidden with
+    probability `p_skip`, so one full chain also trains the shortened chains (step skipping).
+    """
+    b, t = stages.shape
+    causal = torch.ones(t, t, dtype=torch.bool, device=stages.device).tril()
+    mask = causal[None] & attention_mask.bool()[:, None, :]
+    if p_skip > 0:
+        n = len(EXPERTS)
+        onehot = torch.nn.functional.one_hot((stages + 1).clamp(min=0), n + 1)[..., 1:].float()  # (b, t, n)
+        drop = (torch.rand(b, n, n, generator=generator) < p_skip).tril(-1).float().to(stages.device)  # [later, earlier]
+        hidden = torch.bmm(torch.bmm(onehot, drop), onehot.transpose(1, 2)) > 0  # (b, t, t)
+        mask = mask & ~hidden
+    return mask[:, None]

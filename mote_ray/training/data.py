@@ -1,0 +1,59 @@
+"""Training examples from the generation job's chains: token ids + stage ids, bucketed into batches."""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+
+from mote_ray.mote.routing import EXPERTS, NO_STAGE, stage_ids
+from mote_ray.stages import Stage, format_chain
+
+Method = Literal["mote", "sft", "lora-chain"]
+
+
+def example(row: dict, tokenizer, token_ids: dict, method: Method, max_len: int) -> dict | None:
+    """One sequence: {"input_ids", "stages"}; None when it does not fit `max_len`."""
+    history = [dict(m) for m in row.get("history") or []]
+    if method == "sft":  # the paper's SFT baseline: plain answer, no reasoning, no stage tokens
+        from mote_ray.chat import encode
+        from mote_ray.records import GenerationRequest
+
+        prompt = encode(tokenizer, GenerationRequest(messages=[*history, {"role": "user", "content": row["question"]}]))
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids, stages = prompt + answer, [NO_STAGE] * len(prompt) + [EXPERTS.index("answer")] * len(answer)
+    else:
+        spans = {Stage(s): row.get(s) for s in ("analysis", "guidance", "answer") if row.get(s) is not None}
+        text = format_chain(tokenizer, history, row["question"], spans)
+        ids = tokenizer(text, add_special_tokens=not (tokenizer.bos_token and text.startswith(tokenizer.bos_token)))["input_ids"]
+        stages = stage_ids(ids, token_ids)
+    if len(ids) > max_len:
+        return None
+    return {"input_ids": ids, "stages": stages}
+
+
+def batches(examples: list[dict], batch_size: int, seed: int, bucket: int = 8) -> list[list[dict]]:
+    """Shuffle, then sort within windows of `bucket` batches by length (less padding), then shuffle batches."""
+    rng = random.Random(seed)
+    ex = examples[:]
+    rng.shuffle(ex)
+    window = batch_size * bucket
+    out = []
+    for i in range(0, len(ex), window):
+        chunk = sorted(ex[i:i + window], key=lambda e: len(e["input_ids"]))
+        out += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (b, t) input_ids, stages (NO_STAGE on padding) and attention_mask."""
+    t = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    stages = torch.full((len(batch), t), NO_STAGE, dtype=torch.long)
+    att = torch.zeros((len(batch), t), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e["input_ids"])
+        ids[i, :n], stages[i, :n], att[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["stages"]), 1
+    return {"input_ids": ids, "stages": stages, "attention_mask": att}
