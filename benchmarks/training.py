@@ -1,0 +1,193 @@
+"""Training efficiency, measured side by side in one run on the tiny real model (CPU).
+
+    .venv/bin/python benchmarks/training.py  ->  benchmarks/results/training.json
+
+(a) The paper's claim: one MoTE pass over full chains (step skipping on) vs training on the
+    expanded per-stage datasets built from the same chains — Q→A, Q+A→G, Q+A+G→R — with the same
+    supervised tokens (A, G, R once each). FLOPs are counted as tokens processed (forward+backward
+    scale with them for a fixed model; attention's quadratic term is left out, which favours the
+    expanded side). Time: one epoch of each with the same tokens per batch.
+(b) MoTE step time vs one PEFT LoRA of the same rank and of rank 4r on all linear layers.
+(c) Ray Train tokens/s with 1 vs 2 workers (FSDP2 over gloo).
+Chains come from real data: AdvBench goal as the question, AdvBench target as the analysis, an
+Alpaca instruction as the guidance, an HH-RLHF assistant turn as the answer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import SHARED, model, write_result  # noqa: E402
+
+import torch  # noqa: E402
+
+N_CHAINS, BATCH_TOKENS, R = 128, 2048, 16
+
+
+def real_chains(n: int) -> list[dict]:
+    import csv
+
+    d = SHARED / "datasets"
+    adv = list(csv.DictReader(open(d / "advbench/harmful_behaviors.csv")))
+    alpaca = json.loads((d / "alpaca_instructions/alpaca.json").read_text())
+    hh = [json.loads(line)["chosen"].rsplit("\n\nAssistant: ", 1)[-1] for line, _ in
+          zip(gzip.open(d / "hh_rlhf_harmless/harmless-base/test.jsonl.gz", "rt"), range(n))]
+    return [{"history": [], "question": adv[i]["goal"], "analysis": adv[i]["target"], "guidance": alpaca[i]["instruction"],
+             "answer": hh[i][:400]} for i in range(n)]
+
+
+def sequences(chains, tok, token_ids):
+    """MoTE sequences and the expanded per-stage sequences (stage ids mark the supervised span only)."""
+    from mote_ray.mote.routing import NO_STAGE
+    from mote_ray.training.data import example
+
+    mote, expanded = [], []
+    for c in chains:
+        ex = example(c, tok, token_ids, "mote", 512)
+        if ex is None:
+            continue
+        mote.append(ex)
+        st = ex["stages"]
+        for stage in (0, 1, 2):  # prefix through this stage's span; supervise only that span
+            end = max(i for i, s in enumerate(st) if s == stage) + 1
+            expanded.append({"input_ids": ex["input_ids"][:end],
+                             "stages": [s if s == stage else NO_STAGE for s in st[:end]]})
+    return mote, expanded
+
+
+def token_batches(examples, tokens_per_batch):
+    out, cur = [], []
+    for e in sorted(examples, key=lambda e: len(e["input_ids"])):
+        if cur and (len(cur) + 1) * len(e["input_ids"]) > tokens_per_batch:
+            out.append(cur)
+            cur = []
+        cur.append(e)
+    return out + ([cur] if cur else [])
+
+
+def epoch_time(model, batches, pad_id, p_skip, route_by_target=False) -> float:
+    from mote_ray.mote.routing import expert_index, skip_mask
+    from mote_ray.training.data import collate
+    from mote_ray.training.losses import stage_nll
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for b in batches:
+        batch = collate(b, pad_id)
+        experts = expert_index(batch["stages"], "random", gen)
+        if route_by_target:  # an expanded sample trains its target stage's expert on every token
+            target = batch["stages"].max(dim=1).values[:, None]
+            experts = target.expand_as(experts)
+        mask = skip_mask(batch["stages"], batch["attention_mask"], p_skip, gen)
+        loss, _ = stage_nll(model(batch["input_ids"], experts, attention_mask=mask).logits, batch["input_ids"],
+                            batch["stages"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return time.perf_counter() - t0
+
+
+def step_times(fn, n=12) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def routing_cost(base_path) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mote_ray.mote.model import MoTEConfig, build_mote_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 500, (8, 256))
+    experts = torch.randint(0, 3, (8, 256))
+
+    def trainer(forward, params):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            forward().logits.float().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return step
+
+    mote, _ = build_mote_model(base_path, MoTEConfig(r=R))
+    res = {"mote": step_times(trainer(lambda: mote(ids, experts), [p for p in mote.parameters() if p.requires_grad]))}
+    for name, r in (("lora_r", R), ("lora_4r", 4 * R)):
+        lm = AutoModelForCausalLM.from_pretrained(base_path, attn_implementation="sdpa")
+        peft = get_peft_model(lm, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        res[name] = step_times(trainer(lambda: peft(input_ids=ids), [p for p in peft.parameters() if p.requires_grad]))
+    return res
+
+
+def workers_throughput(base_path) -> dict:
+    import ray
+    import pyarrow as pa
+
+    from mote_ray.generation import CHAIN_SCHEMA, write_atomic
+    from mote_ray.training.run import TrainConfig, run_train
+
+    tmp = Path(tempfile.mkdtemp(prefix="mote-bench-train-"))
+    rows = [{**c, "id": f"b{i}", "source": "bench", "row": i, "stages": [], "attempts": [], "verdict": "safe",
+             "flagged": False, "kept": True, "error": None, "model": "m", "engine": "e", "prompt_tokens": 0,
+             "completion_tokens": 0, "stage_tokens": [], "generation_seconds": 0.0, "created_at": 0}
+            for i, c in enumerate(real_chains(N_CHAINS))]
+    (tmp / "gen" / "chains").mkdir(parents=True)
+    write_atomic(pa.Table.from_pylist(rows, schema=CHAIN_SCHEMA), tmp / "gen" / "chains")
+    out = {}
+    for workers in (1, 2):
+        m = run_train(TrainConfig(model=base_path, workers=workers, max_steps=16, batch_size=8, checkpoint_every=16,
+                                  mote={"r": R}), tmp / "gen", tmp / f"w{workers}")
+        out[workers] = statistics.median(h["tokens_per_s"] for h in m["history"][3:])
+        ray.shutdown()
+    return out
+
+
+def main() -> None:
+    from mote_ray.mote.model import MoTEConfig, build_mote_model
+    from mote_ray.mote.routing import stage_token_ids
+
+    base_path = model("stories260K")
+    torch.manual_seed(0)
+    m, tok = build_mote_model(base_path, MoTEConfig(r=R, p_skip=0.2))
+    mote_seqs, expanded = sequences(real_chains(N_CHAINS), tok, stage_token_ids(tok))
+    processed = lambda xs: sum(len(e["input_ids"]) for e in xs)  # noqa: E731
+    supervised = lambda xs: sum(sum(s >= 0 for s in e["stages"][1:]) for e in xs)  # noqa: E731
+    mote_t = epoch_time(m, token_batches(mote_seqs, BATCH_TOKENS), tok.pad_token_id, 0.2)
+    m2, _ = build_mote_model(base_path, MoTEConfig(r=R, p_skip=0.0))
+    exp_t = epoch_time(m2, token_batches(expanded, BATCH_TOKENS), tok.pad_token_id, 0.0, route_by_target=True)
+    print(f"(a) mote: {processed(mote_seqs)} tokens, {mote_t:.2f}s; expanded: {processed(expanded)} tokens, {exp_t:.2f}s",
+          flush=True)
+    steps = routing_cost(base_path)
+    print(f"(b) step times: {steps}", flush=True)
+    tps = workers_throughput(base_path)
+    print(f"(c) tokens/s by workers: {tps}", flush=True)
+    write_result(
+        "training",
+        {"mote_vs_expanded_flops": processed(mote_seqs) / processed(expanded), "mote_vs_expanded_time": mote_t / exp_t,
+         "mote_vs_lora_step_time": steps["mote"] / steps["lora_r"], "mote_vs_lora_4r_step_time": steps["mote"] / steps["lora_4r"],
+         "two_vs_one_worker": tps[2] / tps[1]},
+        raw={"tokens_processed": {"mote": processed(mote_seqs), "expanded": processed(expanded)},
+             "tokens_supervised": {"mote": supervised(mote_seqs), "expanded": supervised(expanded)},
+             "epoch_seconds": {"mote": mote_t, "expanded": exp_t}, "step_seconds": steps, "tokens_per_s_by_workers": tps},
+        config={"model": base_path, "chains": N_CHAINS, "batch_tokens": BATCH_TOKENS, "r": R,
+                "paper": {"flops": 0.35, "time": 0.67}},
+    )
+
+
+if __name__ == "__main__":
+    main()
