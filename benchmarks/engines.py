@@ -18,14 +18,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import Timer, alpaca_prompts, model, write_result  # noqa: E402
 
 N_PROMPTS, N_HF_BATCHED, N_HF_SINGLE, MAX_TOKENS = 512, 128, 16, 128
-# The product's workload: AlignCoT stage prompts (instructions + question), greedy.
-SYSTEM = ("You are a careful assistant. Before answering, analyse the question for explicit and implicit "
-          "risks to the user or others, then give guidance on how to answer safely and helpfully, then "
-          "answer. Refuse only what would cause real harm, and say why. ") * 2
 
 
 def messages(prompt: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    """The product's workload: an AlignCoT stage prompt (the analysis stage's template + the question)."""
+    from mote_ray.stages import Stage, Templates
+
+    return Templates().messages(Stage.ANALYSIS, [], prompt)
 
 
 def requests(prompts):

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import SHARED, Timer, model, write_result  # noqa: E402
 
-N_PROMPTS = int(os.environ.get("MOTE_BENCH_PROMPTS", 192))
+N_PROMPTS = int(os.environ.get("MOTE_BENCH_PROMPTS", 512))
 ENGINE = os.environ.get("MOTE_BENCH_ENGINE", "vllm")
 
 
