@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=64, help="per stage")
     c.add_argument("--temperature", type=float, default=0.0)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="serve a trained MoTE model: OpenAI-compatible API on Ray Serve (blocks)")
+    sv.add_argument("--model", required=True, help="a `mote-ray train` output directory")
+    sv.add_argument("--path", default="exact", choices=["exact", "fast"])
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>' with the key from this env var")
+    sv.add_argument("--max-prompt-tokens", type=int, default=384)
+    sv.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
@@ -277,6 +288,31 @@ def cmd_chat(args) -> int:
     out = gen.generate(ids, mode=args.mode, limits=limits, temperature=args.temperature)
     for stage, text in out.stages.items():
         print(f"[{stage}] {text}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import time
+
+    from ray import serve
+
+    from mote_ray.cluster import init_ray
+    from mote_ray.serving.deployments import build
+
+    app = build({"model": args.model, "path": args.path, "api_key_env": args.api_key_env,
+                 "max_prompt_tokens": args.max_prompt_tokens, "timeout_s": args.timeout})
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="mote", route_prefix="/")
+    print(f"mote-ray: serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    finally:
+        serve.shutdown()
     return 0
 
 

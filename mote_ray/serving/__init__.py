@@ -1,0 +1,1 @@
+"""Ray Serve app: an OpenAI-compatible router over MoTE expert deployments."""
