@@ -89,17 +89,33 @@ def test_sigkill_mid_run_then_resume_is_exactly_once(datasets_dir, tiny_model, t
     assert len(ids) == len(set(ids)) == 48
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A real `ray start --head` cluster of our own; stopped by killing only its processes."""
     import psutil
 
     temp = Path("/tmp") / f"mote-head-{os.getpid()}"
-    port, dash = 26379 + os.getpid() % 1000, 28265 + os.getpid() % 1000
+    # Every port free and explicit: the session's own Ray instance already holds the defaults
+    # (the dashboard agent's 52365 among them), and a head whose agent cannot bind takes no jobs.
+    port, dash, agent, grpc, env_agent, metrics, client = _free_ports(7)
     ray_bin = Path(sys.executable).parent / "ray"
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-                    "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true"], check=True,
-                   capture_output=True, text=True, timeout=120)
+                    f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                    f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+                    f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp}",
+                    "--include-dashboard=true"], check=True, capture_output=True, text=True, timeout=120)
     yield f"http://127.0.0.1:{dash}"
     ours = (str(temp), f":{port}")  # session files, or the GCS address (the Ray client server has only that)
     for proc in psutil.process_iter(["cmdline"]):
