@@ -37,6 +37,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     max_len: int = Field(512, ge=16)
     checkpoint_every: int = Field(10, ge=1)
+    # Where Ray Train keeps checkpoints: a local path or a cloud URI (s3://, gs://, ...); None = OUT/.
+    storage_path: str | None = None
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(1, ge=1)
@@ -77,7 +79,7 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker or _cpus_per_worker(
                                          resources, config.workers, use_gpu)}),
-        run_config=RunConfig(name="checkpoint", storage_path=str(out),
+        run_config=RunConfig(name="checkpoint", storage_path=config.storage_path or str(out),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": ds},
