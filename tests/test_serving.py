@@ -10,11 +10,11 @@ import time
 import urllib.error
 import urllib.request
 
-import pyarrow as pa
 import pytest
 
-from mote_ray.generation import CHAIN_SCHEMA, write_atomic
 from mote_ray.training.run import TrainConfig, run_train
+
+from .fakes import write_format_chains
 
 pytestmark = pytest.mark.ray
 KEY = "test-key-123"
@@ -24,13 +24,7 @@ KEY = "test-key-123"
 def trained(ray_local, tiny_model, tmp_path_factory):
     """A tiny MoTE model trained on format-only chains by the real training job."""
     d = tmp_path_factory.mktemp("serve-model")
-    rows = [{"id": f"f{i}", "source": "fixture", "row": i, "history": [], "question": f"Question {i}?",
-             "analysis": "Low risk.", "guidance": "Be brief.", "answer": "Here you go.", "stages": [], "attempts": [],
-             "verdict": "safe", "flagged": False, "kept": True, "error": None, "model": "m", "engine": "e",
-             "prompt_tokens": 0, "completion_tokens": 0, "stage_tokens": [], "generation_seconds": 0.0,
-             "created_at": 0} for i in range(16)]
-    (d / "gen" / "chains").mkdir(parents=True)
-    write_atomic(pa.Table.from_pylist(rows, schema=CHAIN_SCHEMA), d / "gen" / "chains")
+    write_format_chains(d / "gen", 16)
     run_train(TrainConfig(model=tiny_model, max_steps=30, batch_size=8, lr=1e-2, checkpoint_every=30,
                           mote={"r": 8, "p_skip": 0.0}), d / "gen", d / "run")
     ray_local.shutdown()  # the server starts its own Ray

@@ -8,12 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from mote_ray.config import EngineConfig, PoolConfig
-from mote_ray.generation import CHAIN_SCHEMA, GenerateConfig, run_generate, write_atomic
+from mote_ray.generation import GenerateConfig, run_generate
 from mote_ray.training.run import TrainConfig, run_train
+
+from .fakes import write_format_chains
 
 pytestmark = pytest.mark.ray
 
@@ -97,13 +98,7 @@ def test_generator_emits_well_formed_stages_after_format_training(ray_local, tin
     from mote_ray.mote.generate import MoTEGenerator
     from mote_ray.records import GenerationRequest
 
-    rows = [{"id": f"f{i}", "source": "fixture", "row": i, "history": [], "question": f"Question number {i}?",
-             "analysis": "Low risk.", "guidance": "Be brief.", "answer": "Here you go.", "stages": [], "attempts": [],
-             "verdict": "safe", "flagged": False, "kept": True, "error": None, "model": "m", "engine": "e",
-             "prompt_tokens": 0, "completion_tokens": 0, "stage_tokens": [], "generation_seconds": 0.0,
-             "created_at": 0} for i in range(32)]
-    (tmp_path / "chains" / "chains").mkdir(parents=True)
-    write_atomic(pa.Table.from_pylist(rows, schema=CHAIN_SCHEMA), tmp_path / "chains" / "chains")
+    write_format_chains(tmp_path / "chains", 32, question="Question number {i}?")
     cfg = TrainConfig(model=tiny_model, max_steps=60, batch_size=8, lr=1e-2, checkpoint_every=60,
                       mote={"r": 8, "p_skip": 0.0})
     run_train(cfg, tmp_path / "chains", tmp_path / "run")

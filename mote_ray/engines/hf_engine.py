@@ -26,8 +26,7 @@ class TransformersEngine:
 
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.config, self.model_info, self.device = config, resolved, device
-        self.model = resolved
+        self.config, self.model, self.device = config, resolved, device
         self.choice_reason = ""
         self.tokenizer = load_tokenizer(resolved)
         dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(config.dtype) or getattr(torch, config.dtype)
