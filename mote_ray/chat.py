@@ -51,6 +51,8 @@ def render(tok, request: GenerationRequest) -> str:
 
 
 def encode(tok, request: GenerationRequest) -> list[int]:
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
     text = render(tok, request)
     # A template that writes BOS itself must not get a second one from the tokenizer.
     add_special = not (tok.bos_token and text.startswith(tok.bos_token))

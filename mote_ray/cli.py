@@ -99,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a trained MoTE model: OpenAI-compatible API on Ray Serve (blocks)")
     sv.add_argument("--model", required=True, help="a `mote-ray train` output directory")
-    sv.add_argument("--path", default="exact", choices=["exact", "fast"])
+    sv.add_argument("--path", default="exact", choices=["exact", "fast"],
+                    help="exact: token-routed MoTE, one KV cache (matches `mote-ray chat`); "
+                         "fast: per-stage LoRA adapters on vLLM/transformers, re-prefilled per stage")
+    sv.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"], help="fast path's engine")
+    sv.add_argument("--replicas", type=int, help="fixed expert replica count (default: autoscaling)")
+    sv.add_argument("--expert-cpus", type=float, help="CPUs per expert replica (default 1)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>' with the key from this env var")
@@ -300,7 +305,9 @@ def cmd_serve(args) -> int:
     from mote_ray.cluster import init_ray
     from mote_ray.serving.deployments import build
 
-    app = build({"model": args.model, "path": args.path, "api_key_env": args.api_key_env,
+    app = build({"model": args.model, "path": args.path, "engine": args.engine, "replicas": args.replicas,
+                 "expert_cpus": args.expert_cpus,
+                 "api_key_env": args.api_key_env,
                  "max_prompt_tokens": args.max_prompt_tokens, "timeout_s": args.timeout})
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -200,6 +200,26 @@ def write_atomic(table: pa.Table, folder: Path) -> Path:
     return final
 
 
+def write_chains(rows: list[dict], out: Path, source: str = "import") -> Path:
+    """Write chains made elsewhere (each: question, answer, optional history/analysis/guidance) as a
+    generation output folder that `mote-ray train` reads; ids are content hashes, as for generated rows."""
+    from mote_ray.inputs import prompt_id
+    from mote_ray.records import Message
+
+    full = []
+    for i, r in enumerate(rows):
+        stages = [s for s in ("analysis", "guidance", "answer") if r.get(s)]
+        history = r.get("history") or []
+        full.append({"id": r.get("id") or prompt_id([Message(**m) for m in history], r["question"]), "source": source, "row": i + 1,
+                     "history": history, "question": r["question"], "analysis": r.get("analysis"),
+                     "guidance": r.get("guidance"), "answer": r["answer"], "stages": stages, "attempts": [],
+                     "verdict": "safe", "flagged": False, "kept": True, "error": None, "model": r.get("model", source),
+                     "engine": "none", "prompt_tokens": 0, "completion_tokens": 0, "stage_tokens": [],
+                     "generation_seconds": 0.0, "created_at": 0})
+    (Path(out) / "chains").mkdir(parents=True, exist_ok=True)
+    return write_atomic(pa.Table.from_pylist(full, schema=CHAIN_SCHEMA), Path(out) / "chains")
+
+
 def chain_files(out: Path) -> list[Path]:
     return sorted((Path(out) / "chains").glob("part-*.parquet"))
 

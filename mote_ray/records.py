@@ -27,6 +27,10 @@ class SamplingParams(BaseModel):
     top_k: int = Field(0, ge=0)  # 0 = disabled
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation stops before the first of these strings
+    # Token-level controls (the MoTE fast path steers stage tokens with them).
+    stop_token_ids: tuple[int, ...] = ()  # ends generation like EOS; reported in `stop_token_id`
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be sampled
+    banned_token_ids: tuple[int, ...] = ()  # never sampled
 
     @property
     def greedy(self) -> bool:
@@ -34,12 +38,13 @@ class SamplingParams(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """One prompt: chat `messages` (templated) or a raw `prompt` (used verbatim)."""
+    """One prompt: chat `messages` (templated), a raw `prompt` (used verbatim) or `prompt_ids` (token ids)."""
 
     model_config = ConfigDict(extra="forbid")
     id: str = ""
     messages: list[Message] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = None
     sampling: SamplingParams = SamplingParams()
     adapter: str | None = None  # a name given to Engine.load_adapter; None = base model
     # Continue an assistant turn instead of opening a new one (AlignCoT stages append to it).
@@ -47,8 +52,8 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerationRequest:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("give exactly one of `messages` or `prompt`")
+        if sum(x is not None for x in (self.messages, self.prompt, self.prompt_ids)) != 1:
+            raise ValueError("give exactly one of `messages`, `prompt` or `prompt_ids`")
         if self.messages is not None and not self.messages:
             raise ValueError("`messages` is empty")
         return self
@@ -61,6 +66,7 @@ class GenerationResult(BaseModel):
     prompt_tokens: int
     completion_tokens: int  # generated tokens, the closing EOS included
     finish_reason: Literal["stop", "length"]
+    stop_token_id: int | None = None  # which of EOS / `stop_token_ids` ended it, if one did
     engine: str
     model: str
     adapter: str | None = None

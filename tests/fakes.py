@@ -39,15 +39,8 @@ class ScriptedEngine:
 
 def write_format_chains(out, n: int, question: str = "Question {i}?"):
     """A generation-output folder (`out/chains/part-*.parquet`) of n format-only chains with fixed stage texts."""
-    import pyarrow as pa
+    from mote_ray.generation import write_chains
 
-    from mote_ray.generation import CHAIN_SCHEMA, write_atomic
-
-    rows = [{"id": f"f{i}", "source": "fixture", "row": i, "history": [], "question": question.format(i=i),
-             "analysis": "Low risk.", "guidance": "Be brief.", "answer": "Here you go.", "stages": [], "attempts": [],
-             "verdict": "safe", "flagged": False, "kept": True, "error": None, "model": "m", "engine": "e",
-             "prompt_tokens": 0, "completion_tokens": 0, "stage_tokens": [], "generation_seconds": 0.0,
-             "created_at": 0} for i in range(n)]
-    (out / "chains").mkdir(parents=True)
-    write_atomic(pa.Table.from_pylist(rows, schema=CHAIN_SCHEMA), out / "chains")
+    write_chains([{"id": f"f{i}", "question": question.format(i=i), "analysis": "Low risk.", "guidance": "Be brief.",
+                   "answer": "Here you go."} for i in range(n)], out, source="fixture")
     return out

@@ -1,17 +1,14 @@
 """The Serve app as a user runs it: `mote-ray serve` + the official openai client over loopback HTTP."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from mote_ray.serving.local import LocalServer
 from mote_ray.training.run import TrainConfig, run_train
 
 from .fakes import write_format_chains
@@ -21,41 +18,42 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tiny_model, tmp_path_factory):
-    """A tiny MoTE model trained on format-only chains by the real training job."""
+def trained(ray_local, tiny_model_hd32, tmp_path_factory):
+    """A tiny MoTE model trained on format-only chains by the real training job (vLLM-loadable base)."""
     d = tmp_path_factory.mktemp("serve-model")
     write_format_chains(d / "gen", 16)
-    run_train(TrainConfig(model=tiny_model, max_steps=30, batch_size=8, lr=1e-2, checkpoint_every=30,
+    run_train(TrainConfig(model=tiny_model_hd32, max_steps=30, batch_size=8, lr=1e-2, checkpoint_every=30,
                           mote={"r": 8, "p_skip": 0.0}), d / "gen", d / "run")
-    ray_local.shutdown()  # the server starts its own Ray
+    ray_local.shutdown()  # each server starts its own Ray
     return d / "run"
 
 
 @pytest.fixture(scope="module")
 def server(trained):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RAY_ADDRESS": "", "MOTE_TEST_KEY": KEY}
-    p = subprocess.Popen([sys.executable, "-m", "mote_ray.cli", "serve", "--model", str(trained), "--port", str(port),
-                          "--api-key-env", "MOTE_TEST_KEY", "--max-prompt-tokens", "200"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(base + "/readyz", timeout=2)
-            break
-        except OSError:  # not up yet (refused, reset, timed out, 404 before the app is deployed)
-            time.sleep(1)
-            if p.poll() is not None:
-                pytest.fail(p.stdout.read()[-3000:])
-    yield base
-    os.killpg(p.pid, signal.SIGTERM)
-    try:
-        p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-    assert KEY not in (p.stdout.read() or "")  # the key is never logged
+    with LocalServer(["--model", str(trained), "--api-key-env", "MOTE_TEST_KEY", "--max-prompt-tokens", "200"],
+                     env={"MOTE_TEST_KEY": KEY}) as srv:
+        yield srv.base_url
+    assert KEY not in srv.output()  # the key is never logged
+
+
+def _reference(trained, prompts, mode, limits):
+    from mote_ray.chat import encode
+    from mote_ray.mote.export import load_mote
+    from mote_ray.mote.generate import MoTEGenerator
+    from mote_ray.records import GenerationRequest
+
+    model, tok = load_mote(trained)
+    gen = MoTEGenerator(model, tok)
+    return [gen.generate(encode(tok, GenerationRequest(messages=[{"role": "user", "content": p}])), mode=mode,
+                         limits=limits).token_ids for p in prompts]
+
+
+def _token_ids(client, prompt, mode, limits):
+    r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=limits["answer"],
+                                       messages=[{"role": "user", "content": prompt}],
+                                       extra_body={"mote": {"return_stages": True, "mode": mode,
+                                                            "stage_max_tokens": limits}})
+    return r.model_dump()["mote"]["token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +88,11 @@ def test_forced_modes_produce_their_stages(client, mode, stages):
     assert r.model_dump()["mote"]["stages_used"] == stages
 
 
-def _post(server, body: bytes, key: str | None):
+def _post(server, body: bytes, key: str | None, timeout: float = 60):
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(server + "/v1/chat/completions", data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -115,3 +113,70 @@ def test_bad_requests_and_auth_over_http(server, client):
         assert status == want, (name, status, payload)
         assert payload["error"]["message"], name
     assert _post(server, good, KEY)[0] == 200
+
+
+def test_exact_path_equals_reference_generator_token_for_token(client, trained):
+    prompts = [f"Question {i}? Tell me about item {i * 7}." for i in range(8)]
+    limits = {"analysis": 12, "guidance": 12, "answer": 16}
+    served = [_token_ids(client, p, "adaptive", limits) for p in prompts]
+    assert served == _reference(trained, prompts, "adaptive", limits)
+
+
+def test_fast_path_serves_stages_and_direct_mode_is_exact(trained):
+    from openai import OpenAI
+
+    with LocalServer(["--model", str(trained), "--path", "fast", "--replicas", "1"]) as srv:
+        client = OpenAI(base_url=srv.base_url + "/v1", api_key="none")
+        limits = {"analysis": 8, "guidance": 8, "answer": 12}
+        for mode, stages in [("direct", ["answer"]), ("analysis", ["analysis", "answer"]),
+                             ("full", ["analysis", "guidance", "answer"])]:
+            r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=12,
+                                               messages=[{"role": "user", "content": "Question 3?"}],
+                                               extra_body={"mote": {"return_stages": True, "mode": mode,
+                                                                    "stage_max_tokens": limits}})
+            assert r.model_dump()["mote"]["stages_used"] == stages
+            assert r.choices[0].message.content == r.model_dump()["mote"]["stages"]["answer"]
+        chunks = list(client.chat.completions.create(model=client.models.list().data[0].id, stream=True, max_tokens=12,
+                                                     messages=[{"role": "user", "content": "Question 3?"}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        # Direct mode reads the prompt with the answer expert on both paths: the same greedy tokens.
+        prompts = [f"Question {i}?" for i in range(4)]
+        assert [_token_ids(client, p, "direct", limits) for p in prompts] == _reference(trained, prompts, "direct", limits)
+        assert "engine: vllm" in srv.output() or "engine: transformers" in srv.output()
+
+
+def test_killed_expert_replica_gives_clean_503s_and_comes_back(trained):
+    import os
+    import signal
+
+    body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "Question 1?"}],
+                       "mote": {"stage_max_tokens": {"analysis": 24, "guidance": 24, "answer": 24}}}).encode()
+    with LocalServer(["--model", str(trained), "--replicas", "2", "--expert-cpus", "0.5"]) as srv:
+        before = srv.session_pids("ServeReplica:mote:ExactExpert")
+        assert len(before) == 2, srv.output()[-2000:]
+        statuses, lock = [], threading.Lock()
+
+        def load(n):
+            for _ in range(n):
+                status, _ = _post(srv.base_url, body, None, timeout=60)
+                with lock:
+                    statuses.append(status)
+
+        workers = [threading.Thread(target=load, args=(8,)) for _ in range(3)]
+        for w in workers:
+            w.start()
+        time.sleep(1.0)
+        os.kill(before[0], signal.SIGKILL)
+        for w in workers:
+            w.join(timeout=180)
+        assert not any(w.is_alive() for w in workers), "a request hung"
+        assert len(statuses) == 24 and set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) >= 12
+        deadline = time.monotonic() + 120  # Serve's controller replaces the dead replica
+        while time.monotonic() < deadline:
+            now = srv.session_pids("ServeReplica:mote:ExactExpert")
+            if len(now) == 2 and before[0] not in now:
+                break
+            time.sleep(2)
+        assert len(now) == 2 and before[0] not in now, now
+        assert _post(srv.base_url, body, None)[0] == 200

@@ -25,18 +25,18 @@ def token_budgets(requests: Sequence[GenerationRequest], prompt_ids: Sequence[li
 
 def make_result(request: GenerationRequest, tokenizer, generated: Sequence[int], prompt_len: int,
                 budget: int, *, engine: str, model: str) -> GenerationResult:
-    """Cut `generated` at EOS or a stop string, the same way for both engines."""
-    eos = tokenizer.eos_token_id
+    """Cut `generated` at EOS, a stop token or a stop string, the same way for both engines."""
+    stops = {t for t in (tokenizer.eos_token_id, *request.sampling.stop_token_ids) if t is not None}
     ids = list(generated)[:budget]
-    finish, n = "length", len(ids)
-    if eos is not None and eos in ids:
-        cut = ids.index(eos)
-        ids, finish, n = ids[:cut], "stop", cut + 1
+    finish, n, stop_id = "length", len(ids), None
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids, finish, n, stop_id = ids[:cut], "stop", cut + 1, ids[cut]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     for stop in request.sampling.stop:
         pos = text.find(stop)
         if pos >= 0:
             text, finish = text[:pos], "stop"
     return GenerationResult(id=request.id, text=text, token_ids=ids, prompt_tokens=prompt_len,
-                            completion_tokens=n, finish_reason=finish, engine=engine, model=model,
+                            completion_tokens=n, finish_reason=finish, stop_token_id=stop_id, engine=engine, model=model,
                             adapter=request.adapter)

@@ -88,7 +88,10 @@ class TransformersEngine:
 
         tok = self.tokenizer
         batch = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
-        kwargs = dict(max_new_tokens=max(budgets), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        eos = [t for t in (tok.eos_token_id, *sampling.stop_token_ids) if t is not None]
+        kwargs = dict(max_new_tokens=max(budgets), pad_token_id=tok.pad_token_id, eos_token_id=eos)
+        if sampling.allowed_token_ids is not None or sampling.banned_token_ids:
+            kwargs["logits_processor"] = [_TokenMask(sampling.allowed_token_ids, sampling.banned_token_ids)]
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -110,6 +113,22 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.lm = None
+
+
+class _TokenMask:
+    """A transformers logits processor: keep only `allowed` ids (if given), drop `banned` ones."""
+
+    def __init__(self, allowed, banned):
+        self.allowed, self.banned = allowed, list(banned)
+
+    def __call__(self, input_ids, scores):
+        if self.allowed is not None:
+            keep = scores.new_full(scores.shape[-1:], float("-inf"))
+            keep[list(self.allowed)] = 0
+            scores = scores + keep
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        return scores
 
 
 def _rstrip(ids: list[int], value: int) -> list[int]:

@@ -72,6 +72,10 @@ class VLLMEngine:
         params = [VSampling(max_tokens=b, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
                             top_k=r.sampling.top_k, seed=r.sampling.seed if per_request_seed else None,
                             stop=list(r.sampling.stop) or None,
+                            stop_token_ids=list(r.sampling.stop_token_ids) or None,
+                            allowed_token_ids=list(r.sampling.allowed_token_ids) if r.sampling.allowed_token_ids else None,
+                            # -100 is vLLM's floor for a bias: far below any logit a real model emits.
+                            logit_bias={t: -100.0 for t in r.sampling.banned_token_ids} or None,
                             skip_special_tokens=True)
                   for r, b in zip(requests, budgets)]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,

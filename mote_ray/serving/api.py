@@ -101,7 +101,8 @@ def completion(req: ChatRequest, result: dict) -> dict:
 
 def mote_field(req: ChatRequest, result: dict) -> dict:
     return {"mode": req.mote.mode, "stages": result["stages"], "stages_used": list(result["stages"]),
-            "stage_tokens": result["stage_tokens"]}
+            "stage_tokens": result["stage_tokens"], "token_ids": result.get("token_ids", []),
+            "expert_seconds": result.get("seconds")}
 
 
 def chunk(req: ChatRequest, cid: str, delta: dict, finish: str | None = None, extra: dict | None = None) -> str:

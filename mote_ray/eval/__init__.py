@@ -1,0 +1,1 @@
+"""Evaluation: data sets, judges, suites and reports (design.md, step 4)."""
