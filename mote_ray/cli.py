@@ -112,6 +112,45 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     sv.set_defaults(func=cmd_serve)
+
+    ev = sub.add_parser("eval", help="evaluate models/endpoints on a suite: results.json + report.md/.html with plots")
+    ev.add_argument("--model", action="append", default=[], dest="models",
+                    help="[label=]PATH_OR_ID, `default`, or a `mote-ray train` output with @adaptive|direct|analysis|full "
+                         "(repeat to compare side by side)")
+    ev.add_argument("--endpoint", action="append", default=[], dest="endpoints",
+                    help="[label=]an OpenAI-compatible base URL (e.g. http://host:8000/v1); repeatable")
+    ev.add_argument("--suite", choices=["harmlessness", "jailbreak", "overrefusal", "helpfulness"])
+    ev.add_argument("--data", nargs="+", help="prompt files (CSV, JSON, JSONL, Parquet)")
+    ev.add_argument("--format", default="auto",
+                    help="advbench, harmbench, jailbreakbench, xstest, strongreject, do-not-answer, tdc2023, "
+                         "alpacaeval, alpaca, or auto (column detection)")
+    ev.add_argument("--column", help="the prompt column, when the format does not name it")
+    ev.add_argument("--keep-label", help="keep rows with this label only (XSTest over-refusal: safe)")
+    ev.add_argument("--templates", nargs="+", default=[], help="jailbreak templates: files or folders")
+    ev.add_argument("--templates-per-prompt", type=int, default=4, help="the k of goodness@k")
+    ev.add_argument("--limit", type=int, help="first N usable prompts")
+    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    ev.add_argument("--judge-model", help="LLM judge on the engine layer (harmfulness, StrongREJECT, helpfulness)")
+    ev.add_argument("--judge-endpoint", help="LLM judge behind an OpenAI-compatible URL")
+    ev.add_argument("--refusal-judge", help="a fitted refusal judge JSON (default: the shipped one)")
+    ev.add_argument("--api-key-env", help="env var holding the bearer key for endpoints")
+    ev.add_argument("--config", help="YAML EvalConfig (models, suites, ...); flags add to it")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(func=cmd_eval)
+
+    jd = sub.add_parser("judge-fit", help="fit the offline refusal judge on labelled responses (CSV)")
+    jd.add_argument("--data", nargs="+", required=True,
+                    help="CSV files with objective, assistant_response, human_score (1 = refusal)")
+    jd.add_argument("--out", required=True, help="JSON file to write")
+    jd.set_defaults(func=cmd_judge_fit)
+
+    pl = sub.add_parser("pipeline", help="generate -> train -> evaluate (base vs MoTE) in one resumable job")
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--config", help="YAML PipelineConfig (jobs/configs/pipeline.yaml)")
+    pl.add_argument("--model", help="base model (default: $MOTE_MODEL, else the offline tiny model)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pl.set_defaults(func=cmd_pipeline)
     return p
 
 
@@ -320,6 +359,55 @@ def cmd_serve(args) -> int:
             time.sleep(0.5)
     finally:
         serve.shutdown()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mote_ray.config import load_yaml
+    from mote_ray.eval.run import EvalConfig, run_eval
+
+    data = load_yaml(args.config) if args.config else {}
+    data["models"] = list(data.get("models") or []) + args.models
+    data["endpoints"] = list(data.get("endpoints") or []) + args.endpoints
+    if args.suite:
+        if not args.data:
+            from mote_ray.errors import MoteError
+
+            raise MoteError("--suite needs --data FILE...")
+        data.setdefault("suites", []).append({
+            "name": args.suite, "data": args.data, "format": args.format, "column": args.column, "limit": args.limit,
+            "keep_label": args.keep_label, "templates": args.templates,
+            "templates_per_prompt": args.templates_per_prompt})
+    for key in ("engine", "max_tokens", "judge_model", "judge_endpoint", "refusal_judge", "api_key_env"):
+        value = getattr(args, key)
+        if value is not None and (key not in data or value != {"engine": "auto", "max_tokens": 128}.get(key)):
+            data[key] = value
+    results = run_eval(EvalConfig(**data), args.out)
+    for suite, entry in results["suites"].items():
+        for model, res in entry["models"].items():
+            print(f"{suite:13s} {model:24s} " + ", ".join(f"{k} {v['value']:.3f}" for k, v in res["metrics"].items()))
+    print(f"mote-ray: report in {args.out}/report.html (results.json, report.md)", file=sys.stderr)
+    return 0
+
+
+def cmd_judge_fit(args) -> int:
+    from mote_ray.eval.refusal import RefusalJudge, read_labels
+
+    rows = read_labels(args.data)
+    judge = RefusalJudge().fit([r["objective"] for r in rows], [r["response"] for r in rows], [r["label"] for r in rows])
+    judge.save(args.out)
+    print(f"mote-ray: refusal judge fitted on {len(rows)} labelled responses -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from mote_ray.config import apply_overrides, load_yaml
+    from mote_ray.pipeline import PipelineConfig, run_pipeline
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.model:
+        data["model"] = args.model
+    run_pipeline(PipelineConfig(**apply_overrides(data, args.set)), args.out)
     return 0
 
 

@@ -49,7 +49,7 @@ def read_prompts(paths: list[str], fmt: Format = "auto", column: str | None = No
     """Read every file; returns accepted rows (first occurrence wins) and rejects with reasons."""
     rows, rejects, seen = [], [], {}
     for path in paths:
-        for n, item in _records(path, fmt):
+        for n, item in records(path, fmt):
             try:
                 history, question = _to_dialogue(item, column, context_column)
                 question = _clean(question)
@@ -97,7 +97,7 @@ def detect_format(path: str) -> str:
 
 # ---------------------------------------------------------------- readers: (row number, record)
 
-def _records(path: str, fmt: Format) -> Iterator[tuple[int, object]]:
+def records(path: str, fmt: Format = "auto") -> Iterator[tuple[int, object]]:
     if not path.startswith("hf:") and not Path(path).is_file():
         raise MoteError(f"prompt file not found: {path}")
     kind = detect_format(path) if fmt == "auto" else fmt

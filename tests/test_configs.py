@@ -7,7 +7,8 @@ import pytest
 from mote_ray.config import load_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
-LOADERS = {"generate": "mote_ray.generation:GenerateConfig", "train": "mote_ray.training.run:TrainConfig"}
+LOADERS = {"generate": "mote_ray.generation:GenerateConfig", "train": "mote_ray.training.run:TrainConfig",
+           "pipeline": "mote_ray.pipeline:PipelineConfig", "eval": "mote_ray.eval.run:EvalConfig"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

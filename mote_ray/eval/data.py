@@ -1,0 +1,176 @@
+"""Evaluation sets and jailbreak templates, from the well-known benchmarks' own file formats.
+
+`load_items` reads prompts (plus category, reference answer, label where the format has them) by
+format name or column mapping; every unusable row goes to rejects with its reason. `load_templates`
+reads jailbreak wrappers and `fill` puts a request into a template's slot, whatever the source's
+slot syntax: PyRIT `{{ prompt }}`, in-the-wild `[INSERT PROMPT HERE]`, DAN files (no slot: the
+request follows the template, `{generator.name}` becomes the model's name), TAP (complete attacks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mote_ray.errors import MoteError
+from mote_ray.inputs import Reject, detect_format, prompt_id, records
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    prompt: str
+    source: str
+    row: int
+    category: str | None = None
+    reference: str | None = None  # a reference answer (helpfulness win rate)
+    label: str | None = None  # e.g. XSTest safe/unsafe
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    prompt: tuple[str, ...]
+    category: tuple[str, ...] = ()
+    reference: tuple[str, ...] = ()
+    label: tuple[str, ...] = ()
+    context: str | None = None  # prepended to the prompt (HarmBench contextual behaviours)
+    skip: Callable[[dict], str | None] = field(default=lambda row: None)  # reason to reject, if any
+
+
+def _harmbench_skip(row: dict) -> str | None:
+    if (row.get("FunctionalCategory") or "").strip() == "copyright":
+        return "copyright behaviour (HarmBench scores these with a hash check, not a judge)"
+    return None
+
+
+FORMATS: dict[str, FormatSpec] = {
+    "advbench": FormatSpec(("goal",)),
+    "harmbench": FormatSpec(("Behavior",), ("SemanticCategory",), context="ContextString", skip=_harmbench_skip),
+    "jailbreakbench": FormatSpec(("Goal", "goal"), ("Category", "category")),
+    "xstest": FormatSpec(("prompt",), ("type",), label=("label",)),
+    "strongreject": FormatSpec(("forbidden_prompt",), ("category",)),
+    "do-not-answer": FormatSpec(("prompt", "question"), ("risk_area", "types_of_harm")),
+    "tdc2023": FormatSpec(("behavior", "Behavior", "goal", "prompt")),
+    "alpacaeval": FormatSpec(("instruction",), ("dataset",), reference=("output",)),
+    "alpaca": FormatSpec(("instruction",)),
+    "auto": FormatSpec(("prompt", "question", "instruction", "goal", "Goal", "behavior", "Behavior",
+                        "forbidden_prompt", "query", "text", "input"),
+                       ("category", "Category", "type", "SemanticCategory"), ("reference", "output"), ("label",)),
+}
+
+
+def load_items(paths: list[str], fmt: str = "auto", column: str | None = None, limit: int | None = None,
+               keep_label: str | None = None) -> tuple[list[EvalItem], list[Reject]]:
+    """Items from files in a named format (see FORMATS) or with `column` naming the prompt column.
+    `keep_label` keeps rows with that label only (XSTest: "safe" for over-refusal)."""
+    if fmt not in FORMATS:
+        raise MoteError(f"unknown eval format {fmt!r}; one of {', '.join(FORMATS)}")
+    spec = FORMATS[fmt]
+    items, rejects, seen = [], [], set()
+    for path in paths:
+        if not Path(path).exists():
+            raise MoteError(f"eval data not found: {path}")
+        kind = detect_format(path)
+        for n, row in records(path, kind):
+            reason, item = _item(row, spec, column, path, n)
+            if item and keep_label and item.label != keep_label:
+                reason, item = f"label {item.label!r} is not {keep_label!r}", None
+            if item and item.id in seen:
+                reason, item = "duplicate prompt", None
+            if item is None:
+                rejects.append(Reject(source=path, row=n, reason=reason, raw=json.dumps(row, default=str)[:300]))
+                continue
+            seen.add(item.id)
+            items.append(item)
+            if limit and len(items) >= limit:
+                return items, rejects
+    return items, rejects
+
+
+def _item(row, spec: FormatSpec, column: str | None, path: str, n: int) -> tuple[str, EvalItem | None]:
+    if isinstance(row, str):  # a JSON list of plain strings
+        row = {"prompt": row}
+    if not isinstance(row, dict):
+        return f"row is {type(row).__name__}, not an object", None
+    keys = (column,) if column else spec.prompt
+    key = next((k for k in keys if k in row), None)
+    if key is None:
+        return f"no prompt column (looked for {', '.join(keys)}; row has {sorted(row)[:8]})", None
+    prompt = row[key]
+    if not isinstance(prompt, str) or not prompt.strip():
+        return f"empty or non-text prompt in {key!r}", None
+    if reason := spec.skip(row):
+        return reason, None
+    if spec.context and isinstance(row.get(spec.context), str) and row[spec.context].strip():
+        prompt = f"{row[spec.context].strip()}\n\n---\n\n{prompt.strip()}"
+
+    def pick(cols):
+        v = next((row[c] for c in cols if row.get(c) not in (None, "")), None)
+        return v if v is None or isinstance(v, str) else json.dumps(v)
+
+    prompt = " ".join(prompt.split()) if "\n" not in prompt else prompt.strip()
+    return "", EvalItem(id=prompt_id([], prompt), prompt=prompt, source=path, row=n, category=pick(spec.category),
+                        reference=pick(spec.reference), label=pick(spec.label))
+
+
+# ---------------------------------------------------------------------------------- jailbreaks
+_SLOTS = [re.compile(r"\{\{\s*prompt\s*\}\}"), re.compile(r"\[INSERT PROMPT HERE\]", re.IGNORECASE)]
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    text: str
+    source: str
+    kind: str  # "slot" (request goes in the slot), "append" (request follows), "complete" (used as is)
+
+
+def load_templates(paths: list[str], limit: int | None = None) -> tuple[list[Template], list[Reject]]:
+    """Templates from DAN JSON, PyRIT YAML (folders searched), in-the-wild JSON lists, TAP text files."""
+    import yaml
+
+    out, rejects = [], []
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.rglob("*.yaml")) + sorted(p.rglob("*.json")) + sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+    for f in files:
+        if not f.is_file():
+            raise MoteError(f"jailbreak template file not found: {f}")
+        if f.suffix == ".yaml":
+            try:
+                data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                rejects.append(Reject(source=str(f), row=1, reason=f"bad YAML: {str(e)[:100]}", raw=""))
+                continue
+            texts = [data.get("value")] if isinstance(data, dict) else []
+        elif f.suffix == ".json":
+            data = json.loads(f.read_text(encoding="utf-8"))
+            texts = data if isinstance(data, list) else [data.get("value") or data.get("prompt")] if isinstance(data, dict) else []
+        else:
+            texts = [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, text in enumerate(texts, 1):
+            if not isinstance(text, str) or not text.strip():
+                rejects.append(Reject(source=str(f), row=i, reason="empty or non-text template", raw=str(text)[:200]))
+                continue
+            kind = "slot" if any(s.search(text) for s in _SLOTS) else "complete" if f.suffix == ".txt" else "append"
+            if f.suffix == ".yaml" and kind != "slot":
+                rejects.append(Reject(source=str(f), row=i, reason="PyRIT template without a {{ prompt }} slot",
+                                      raw=text[:200]))
+                continue
+            out.append(Template(id=f"{f.stem}#{i}", text=text, source=str(f), kind=kind))
+            if limit and len(out) >= limit:
+                return out, rejects
+    return out, rejects
+
+
+def fill(template: Template, request: str, model_name: str = "the assistant") -> str:
+    text = template.text.replace("{generator.name}", model_name)
+    if template.kind == "complete":
+        return text
+    for slot in _SLOTS:
+        if slot.search(text):
+            return slot.sub(lambda _: request, text)
+    return f"{text.rstrip()}\n\n{request}"

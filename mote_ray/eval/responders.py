@@ -1,0 +1,142 @@
+"""Who answers the evaluation prompts: a model on the engine layer, a trained MoTE model in one of its
+inference modes (the exact token-routed generator), or any OpenAI-compatible endpoint. Each is a
+Ray Data stage, so the answers fan out over the cluster like the generation job's.
+
+Model specs on the command line: `PATH_OR_HUB_ID`, `default` (the offline default), `MOTE_DIR@mode`
+(adaptive | direct | analysis | full), optionally labelled `label=SPEC`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from mote_ray.errors import MoteError
+
+MODES = ("adaptive", "direct", "analysis", "full")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    label: str
+    kind: str  # "engine" | "mote" | "endpoint"
+    target: str | None  # model path/id, MoTE dir, or base URL
+    mode: str | None = None
+    engine: str = "auto"
+    served_model: str | None = None  # endpoint: the model name to ask for (default: its first)
+
+    @classmethod
+    def parse(cls, spec: str, engine: str = "auto") -> ModelSpec:
+        label, _, rest = spec.rpartition("=") if "=" in spec and "://" not in spec.split("=", 1)[0] else ("", "", spec)
+        if rest.startswith(("http://", "https://")):
+            return cls(label or rest, "endpoint", rest.rstrip("/"))
+        path, _, mode = rest.partition("@")
+        if mode and mode not in MODES:
+            raise MoteError(f"{spec}: mode must be one of {', '.join(MODES)}")
+        if is_mote_dir(path):
+            mode = mode or "adaptive"
+            return cls(label or f"{Path(path).name}@{mode}", "mote", path, mode)
+        if mode:
+            raise MoteError(f"{spec}: @mode applies to a `mote-ray train` output, and {path} is not one")
+        target = None if path in ("", "default") else path
+        return cls(label or (Path(path).name if target else "default"), "engine", target, engine=engine)
+
+
+def is_mote_dir(path: str) -> bool:
+    return bool(path) and (Path(path) / "mote").is_dir() and (Path(path) / "base").is_dir()
+
+
+class MoTEResponder:
+    """Ray Data actor: answers with the exact MoTE generator in a fixed mode."""
+
+    def __init__(self, model_dir: str, mode: str, limits: dict, threads: int | None = None):
+        import torch
+
+        from mote_ray.mote.export import load_mote
+        from mote_ray.mote.generate import MoTEGenerator
+
+        if threads:
+            torch.set_num_threads(threads)
+        model, self.tok = load_mote(model_dir)
+        self.gen, self.mode, self.limits = MoTEGenerator(model, self.tok), mode, limits
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from mote_ray.chat import encode
+        from mote_ray.records import GenerationRequest
+
+        rows = batch.to_pylist()
+        for r in rows:
+            t0 = time.perf_counter()
+            ids = encode(self.tok, GenerationRequest(messages=[{"role": "user", "content": r["prompt"]}]))
+            out = self.gen.generate(ids, mode=self.mode, limits=self.limits)
+            r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
+                     seconds=time.perf_counter() - t0)
+        return pa.Table.from_pylist(rows)
+
+
+class EndpointResponder:
+    """Ray Data actor: asks an OpenAI-compatible endpoint, a few requests in flight."""
+
+    def __init__(self, url: str, model: str | None, max_tokens: int, api_key: str | None, mote_mode: str | None):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=url if url.endswith("/v1") else url + "/v1", api_key=api_key or "none",
+                             max_retries=2, timeout=300)
+        self.model = model or self.client.models.list().data[0].id
+        self.max_tokens, self.extra = max_tokens, {"mote": {"mode": mote_mode}} if mote_mode else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(r):
+            t0 = time.perf_counter()
+            try:
+                c = self.client.chat.completions.create(model=self.model, max_tokens=self.max_tokens, temperature=0,
+                                                        messages=[{"role": "user", "content": r["prompt"]}],
+                                                        extra_body=self.extra)
+                r.update(response=c.choices[0].message.content or "", error=None,
+                         completion_tokens=c.usage.completion_tokens if c.usage else None)
+            except Exception as e:  # kept with its reason; scored as missing, never as a refusal
+                r.update(response=None, error=f"{type(e).__name__}: {str(e)[:200]}", completion_tokens=None)
+            r.update(stages=[], seconds=time.perf_counter() - t0)
+            return r
+
+        with ThreadPoolExecutor(8) as pool:
+            return pa.Table.from_pylist(list(pool.map(one, batch.to_pylist())))
+
+
+def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits: dict | None = None,
+            api_key: str | None = None) -> list[dict]:
+    """rows {id, prompt, ...} -> the same rows with response, completion_tokens, stages (Ray Data job)."""
+    import ray
+
+    from mote_ray.cluster import init_ray
+    from mote_ray.config import EngineConfig, PoolConfig
+    from mote_ray.engine_stage import map_engine
+    from mote_ray.records import SamplingParams
+
+    init_ray()
+    ds = ray.data.from_items(rows)
+    pool = PoolConfig(batch_size=16)
+    if spec.kind == "engine":
+        ds = ds.map(lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}]})
+        out = map_engine(ds, EngineConfig(model=spec.target, engine=spec.engine), pool,
+                         sampling=SamplingParams(max_tokens=max_tokens)).take_all()
+        for r in out:
+            r.update(response=r.pop("text"), stages=[], error=None)
+            r.pop("messages", None)
+    elif spec.kind == "mote":
+        out = map_engine(ds, EngineConfig(), pool, stage=MoTEResponder, stage_kwargs=dict(
+            model_dir=str(spec.target), mode=spec.mode, limits=limits or {"answer": max_tokens})).take_all()
+        for r in out:
+            r["error"] = None
+    else:
+        out = ds.map_batches(EndpointResponder, fn_constructor_kwargs=dict(
+            url=spec.target, model=spec.served_model, max_tokens=max_tokens, api_key=api_key, mote_mode=spec.mode),
+            batch_size=16, batch_format="pyarrow", num_cpus=0.1,
+            compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+    order = {r["id"]: i for i, r in enumerate(rows)}
+    return sorted(out, key=lambda r: order[r["id"]])

@@ -1,0 +1,131 @@
+"""`mote-ray eval`: suites x models -> DIR/results.json, report.md, report.html (+ PNGs).
+
+Answers are kept per (suite, model) in DIR/responses/<suite>/<model>.jsonl, written when that
+model's answers are complete: a killed evaluation resumes where it stopped. Rows that cannot be
+used go to DIR/rejects.jsonl with their reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mote_ray.errors import MoteError
+
+
+class SuiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["harmlessness", "jailbreak", "overrefusal", "helpfulness"]
+    data: list[str] = Field(min_length=1)
+    format: str = "auto"
+    column: str | None = None
+    limit: int | None = Field(None, ge=1)
+    keep_label: str | None = None  # e.g. "safe" for XSTest in the over-refusal suite
+    templates: list[str] = Field(default_factory=list)  # jailbreak: template files or folders
+    templates_per_prompt: int = Field(4, ge=1)  # the k of goodness@k
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] = Field(default_factory=list)  # specs, see responders.ModelSpec
+    endpoints: list[str] = Field(default_factory=list)  # OpenAI-compatible base URLs
+    suites: list[SuiteConfig] = Field(min_length=1)
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    max_tokens: int = Field(128, ge=1)
+    stage_max_tokens: dict[str, int] = Field(default_factory=lambda: {"analysis": 64, "guidance": 64})
+    refusal_judge: str | None = None  # a fitted judge JSON; None = the one shipped with mote-ray
+    judge_model: str | None = None  # LLM judge on the engine layer
+    judge_endpoint: str | None = None  # or an OpenAI-compatible URL
+    api_key_env: str | None = None  # bearer key for endpoints
+    seed: int = 0
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label)
+
+
+def run_eval(config: EvalConfig, out: str | Path, summary: str = "") -> dict:
+    from mote_ray.eval.data import load_items, load_templates
+    from mote_ray.eval.refusal import RefusalJudge
+    from mote_ray.eval.report import write_reports
+    from mote_ray.eval.responders import ModelSpec, respond
+    from mote_ray.eval.suites import prompts_for, score
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [ModelSpec.parse(m, config.engine) for m in config.models] + [ModelSpec.parse(u) for u in config.endpoints]
+    if not specs:
+        raise MoteError("nothing to evaluate: give --model and/or --endpoint")
+    if len({s.label for s in specs}) != len(specs):
+        raise MoteError(f"two models share a label ({[s.label for s in specs]}); name them with label=SPEC")
+    api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+    judge = RefusalJudge.load(config.refusal_judge)
+    llm = _llm_judge(config, api_key)
+    results: dict = {"summary": summary, "suites": {}, "models": [s.__dict__ for s in specs],
+                     "refusal_judge": config.refusal_judge or "shipped (fitted on refusal_labels)",
+                     "llm_judge": config.judge_model or config.judge_endpoint}
+    # All suites' prompts first, then one answering job per model (one engine start per model).
+    rows_by_suite = {}
+    with open(out / "rejects.jsonl", "w") as rejects_file:
+        for suite in config.suites:
+            items, rejects = load_items(suite.data, suite.format, suite.column, suite.limit, suite.keep_label)
+            templates = []
+            if suite.templates:
+                templates, t_rejects = load_templates(suite.templates)
+                rejects += t_rejects
+            for r in rejects:
+                rejects_file.write(json.dumps({"suite": suite.name, **r.model_dump()}) + "\n")
+            if not items:
+                raise MoteError(f"suite {suite.name}: no usable prompts in {suite.data} ({len(rejects)} rejected; "
+                                f"see {out / 'rejects.jsonl'})")
+            rows = prompts_for(suite.name, items, templates, suite.templates_per_prompt, config.seed)
+            rows_by_suite[suite.name] = [{**r, "id": f"{suite.name}:{r['id']}", "suite": suite.name} for r in rows]
+            results["suites"][suite.name] = {"data": suite.data, "items": len(items), "rows": len(rows),
+                                             "rejects": len(rejects), "models": {}}
+    for spec in specs:
+        caches = {name: out / "responses" / name / f"{_slug(spec.label)}.jsonl" for name in rows_by_suite}
+        todo = [r for name, rows in rows_by_suite.items() if not caches[name].is_file() for r in rows]
+        if todo:
+            t0 = time.perf_counter()
+            answered = respond(spec, todo, max_tokens=config.max_tokens,
+                               limits={**config.stage_max_tokens, "answer": config.max_tokens}, api_key=api_key)
+            print(f"mote-ray eval: {spec.label}: {len(answered)} answers in {time.perf_counter() - t0:.0f}s",
+                  file=sys.stderr)
+            for name in rows_by_suite:
+                if not caches[name].is_file():
+                    _write_jsonl(caches[name], [r for r in answered if r["suite"] == name])
+        for name, cache in caches.items():
+            answered = [json.loads(line) for line in cache.read_text().splitlines()]
+            if llm is not None:
+                llm.parse_failures.clear()
+            results["suites"][name]["models"][spec.label] = score(name, answered, judge, llm)
+            _write_jsonl(cache, answered)  # now with the judgements
+    write_reports(results, out)
+    return results
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    os.replace(tmp, path)  # complete or absent: what resuming relies on
+
+
+def _llm_judge(config: EvalConfig, api_key: str | None):
+    from mote_ray.eval.llm_judge import LLMJudge
+
+    if config.judge_endpoint:
+        return LLMJudge(endpoint=config.judge_endpoint, api_key=api_key)
+    if config.judge_model:
+        from mote_ray.config import EngineConfig
+        from mote_ray.engines import create_engine
+
+        return LLMJudge(engine=create_engine(EngineConfig(model=config.judge_model, engine=config.engine)))
+    return None

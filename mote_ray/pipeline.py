@@ -1,0 +1,101 @@
+"""`mote-ray pipeline`: generate -> train -> evaluate (base vs MoTE), resumable by stage.
+
+    OUT/generate/   AlignCoT chains (the generation job; resumes per prompt)
+    OUT/train/      the MoTE model (the training job; resumes from its checkpoint)
+    OUT/            results.json, report.md, report.html + PNGs (the evaluation; resumes per model)
+
+A stage that finished leaves OUT/<stage>.done and is skipped on a rerun. With no prompts given, the
+prompt sets shipped in mote_ray/data/ are used (harmful requests and benign-but-risky ones, written
+for this project): the first part of each set is generated on, the rest is held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DATA = Path(__file__).with_name("data")
+HARMFUL, BENIGN = DATA / "prompts_harmful.jsonl", DATA / "prompts_benign_risky.jsonl"
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # base model; None = $MOTE_MODEL or the offline default
+    engine: str = "auto"
+    harmful: list[str] = Field(default_factory=lambda: [str(HARMFUL)])  # prompt files
+    benign: list[str] = Field(default_factory=lambda: [str(BENIGN)])
+    held_out: float = Field(0.3, gt=0, lt=1)  # share of each prompt set kept for evaluation
+    generate: dict = Field(default_factory=dict)  # GenerateConfig fields
+    train: dict = Field(default_factory=lambda: {"max_steps": 30, "batch_size": 8, "lr": 5e-3})  # TrainConfig fields
+    modes: list[str] = Field(default_factory=lambda: ["adaptive", "direct"])  # MoTE inference modes to evaluate
+    eval_max_tokens: int = Field(96, ge=1)
+
+
+def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
+    from mote_ray.config import EngineConfig
+    from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
+    from mote_ray.generation import GenerateConfig, run_generate
+    from mote_ray.inputs import read_prompts
+    from mote_ray.models import resolve_model
+    from mote_ray.training.run import TrainConfig, run_train
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    base = resolve_model(config.model).path  # the offline default is built here, once
+
+    # Split each prompt set: generation on the first part, evaluation on the held-out rest.
+    splits = {}
+    for name, files in (("harmful", config.harmful), ("benign", config.benign)):
+        rows, _ = read_prompts(files)
+        cut = max(1, int(len(rows) * (1 - config.held_out)))
+        splits[name] = (rows[:cut], rows[cut:])
+    gen_file, eval_files = out / "prompts-generate.jsonl", {}
+    _write_prompts(gen_file, splits["harmful"][0] + splits["benign"][0])
+    for name in splits:
+        eval_files[name] = out / f"prompts-eval-{name}.jsonl"
+        _write_prompts(eval_files[name], splits[name][1])
+
+    def stage(name, fn):
+        done = out / f"{name}.done"
+        if done.is_file():
+            print(f"mote-ray pipeline: {name}: done earlier ({done}), skipped", file=sys.stderr)
+            return json.loads(done.read_text())
+        print(f"mote-ray pipeline: {name} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        info = {"seconds": None, **(fn() or {})}
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        done.write_text(json.dumps(info, default=str))
+        return info
+
+    gen_cfg = GenerateConfig(**{**config.generate, "engine": {**config.generate.get("engine", {}),
+                                                                "model": base, "engine": config.engine}})
+    gen = stage("generate", lambda: run_generate(gen_cfg, [str(gen_file)], out / "generate", progress=True))
+    train = stage("train", lambda: run_train(TrainConfig(**{**config.train, "model": base}), out / "generate",
+                                             out / "train"))
+    models = [f"base={base}"] + [f"mote-{m}={out / 'train'}@{m}" for m in config.modes]
+    ev_cfg = EvalConfig(models=models, engine=config.engine, max_tokens=config.eval_max_tokens, suites=[
+        SuiteConfig(name="harmlessness", data=[str(eval_files["harmful"])]),
+        SuiteConfig(name="overrefusal", data=[str(eval_files["benign"])])])
+    summary = (f"Base model {base}; {gen.get('total', '?')} AlignCoT chains generated, MoTE trained "
+               f"{train.get('steps', '?')} steps; evaluated on held-out prompts with the offline refusal judge.")
+    stage("eval", lambda: {"suites": list(run_eval(ev_cfg, out, summary)["suites"])})
+    results = json.loads((out / "results.json").read_text())
+    lines = [f"mote-ray pipeline: finished in {time.perf_counter() - t_start:.0f}s"]
+    for suite, entry in results["suites"].items():
+        for model, res in entry["models"].items():
+            ms = ", ".join(f"{k} {v['value']:.2f}" for k, v in res["metrics"].items())
+            lines.append(f"  {suite:13s} {model:16s} {ms}")
+    lines.append(f"report: {out / 'report.html'}")
+    print("\n".join(lines), file=sys.stderr)
+    return {"report": str(out / "report.html"), "generate": gen, "train": train}
+
+
+def _write_prompts(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps({"messages": [*(m.model_dump() for m in r.history),
+                                                     {"role": "user", "content": r.question}]}) + "\n"
+                            for r in rows))
