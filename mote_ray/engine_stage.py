@@ -88,6 +88,8 @@ def map_engine(ds, engine_config: EngineConfig, pool: PoolConfig = PoolConfig(),
         kwargs = dict(stage_kwargs or {})
         if "config" in kwargs:  # a job config holding an `engine` section
             kwargs["config"] = {**kwargs["config"], "engine": cfg.model_dump()}
+        if "engine_config" in kwargs:  # a wrapper of EngineStage
+            kwargs["engine_config"] = cfg.model_dump()
     return ds.map_batches(
         stage,
         fn_constructor_kwargs=kwargs,

@@ -2,6 +2,7 @@
 
     OUT/generate/   AlignCoT chains (the generation job; resumes per prompt)
     OUT/train/      the MoTE model (the training job; resumes from its checkpoint)
+    OUT/train-sft/  the one-LoRA SFT baseline on the same chains (answers only), likewise
     OUT/            results.json, report.md, report.html + PNGs (the evaluation; resumes per model)
 
 A stage that finished leaves OUT/<stage>.done and is skipped on a rerun. With no prompts given, the
@@ -15,6 +16,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +35,8 @@ class PipelineConfig(BaseModel):
     generate: dict = Field(default_factory=dict)  # GenerateConfig fields
     train: dict = Field(default_factory=lambda: {"max_steps": 30, "batch_size": 8, "lr": 5e-3})  # TrainConfig fields
     modes: list[str] = Field(default_factory=lambda: ["adaptive", "direct"])  # MoTE inference modes to evaluate
+    # One-LoRA baselines trained on the same chains and evaluated beside MoTE (the paper's SFT: answers only).
+    baselines: list[Literal["sft", "lora-chain"]] = Field(default_factory=lambda: ["sft"])
     eval_max_tokens: int = Field(96, ge=1)
 
 
@@ -40,7 +45,7 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
     from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
     from mote_ray.generation import GenerateConfig, run_generate
     from mote_ray.inputs import read_prompts
-    from mote_ray.models import resolve_model
+    from mote_ray.models import DEFAULT_MODEL_NAME, resolve_model
     from mote_ray.training.run import TrainConfig, run_train
 
     out = Path(out).resolve()
@@ -55,10 +60,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
         cut = max(1, int(len(rows) * (1 - config.held_out)))
         splits[name] = (rows[:cut], rows[cut:])
     gen_file, eval_files = out / "prompts-generate.jsonl", {}
-    _write_prompts(gen_file, splits["harmful"][0] + splits["benign"][0])
-    for name in splits:
+    _write_prompts(gen_file, splits["harmful"][0] + splits["benign"][0], dialogue=True)
+    for name in splits:  # evaluation is single-turn: the last user turn
         eval_files[name] = out / f"prompts-eval-{name}.jsonl"
-        _write_prompts(eval_files[name], splits[name][1])
+        _write_prompts(eval_files[name], splits[name][1], dialogue=False)
 
     def stage(name, fn):
         done = out / f"{name}.done"
@@ -77,12 +82,19 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
     gen = stage("generate", lambda: run_generate(gen_cfg, [str(gen_file)], out / "generate", progress=True))
     train = stage("train", lambda: run_train(TrainConfig(**{**config.train, "model": base}), out / "generate",
                                              out / "train"))
-    models = [f"base={base}"] + [f"mote-{m}={out / 'train'}@{m}" for m in config.modes]
+    for method in config.baselines:
+        stage(f"train-{method}", lambda m=method: run_train(
+            TrainConfig(**{**config.train, "model": base, "method": m}), out / "generate", out / f"train-{m}"))
+    models = ([f"base={base}"] + [f"{m}={out / f'train-{m}'}" for m in config.baselines]
+              + [f"mote-{m}={out / 'train'}@{m}" for m in config.modes])
     ev_cfg = EvalConfig(models=models, engine=config.engine, max_tokens=config.eval_max_tokens, suites=[
         SuiteConfig(name="harmlessness", data=[str(eval_files["harmful"])]),
         SuiteConfig(name="overrefusal", data=[str(eval_files["benign"])])])
     summary = (f"Base model {base}; {gen.get('total', '?')} AlignCoT chains generated, MoTE trained "
                f"{train.get('steps', '?')} steps; evaluated on held-out prompts with the offline refusal judge.")
+    if Path(base).name == DEFAULT_MODEL_NAME:
+        summary += (" The offline default model has random weights and writes noise, which the judge counts "
+                    "as off-topic (a refusal): these numbers show the mechanics, not alignment.")
     stage("eval", lambda: {"suites": list(run_eval(ev_cfg, out, summary)["suites"])})
     results = json.loads((out / "results.json").read_text())
     lines = [f"mote-ray pipeline: finished in {time.perf_counter() - t_start:.0f}s"]
@@ -95,7 +107,10 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
     return {"report": str(out / "report.html"), "generate": gen, "train": train}
 
 
-def _write_prompts(path: Path, rows) -> None:
-    path.write_text("".join(json.dumps({"messages": [*(m.model_dump() for m in r.history),
-                                                     {"role": "user", "content": r.question}]}) + "\n"
-                            for r in rows))
+def _write_prompts(path: Path, rows, dialogue: bool) -> None:
+    def record(r):
+        if not dialogue:
+            return {"prompt": r.question}
+        return {"messages": [*(m.model_dump() for m in r.history), {"role": "user", "content": r.question}]}
+
+    path.write_text("".join(json.dumps(record(r)) + "\n" for r in rows))

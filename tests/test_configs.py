@@ -19,3 +19,14 @@ def test_shipped_config_validates(path):
     config = getattr(importlib.import_module(module), cls)(**load_yaml(path))
     assert config.model_dump()
     assert path.read_text().startswith("# mote-ray ")  # headed by the command that runs it
+
+
+def test_serve_config_is_a_valid_serve_deploy_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = load_yaml(Path(__file__).resolve().parents[1] / "serve" / "config.yaml")
+    schema = ServeDeploySchema(**data)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app" and app.args["path"] in ("exact", "fast")
+    assert {d.name for d in app.deployments} <= {"Router", "ExactExpert", "FastExpert"}
+    assert all(d.autoscaling_config for d in app.deployments)

@@ -18,7 +18,8 @@ def _suites(d):
         SuiteConfig(name="harmlessness", data=[str(d / "harmbench_val/harmbench_behaviors_text_val.csv")],
                     format="harmbench", limit=3),
         SuiteConfig(name="jailbreak", data=[str(d / "advbench/harmful_behaviors.csv")], format="advbench", limit=2,
-                    templates=[str(d / "pyrit_jailbreak_templates/templates")], templates_per_prompt=2),
+                    templates=[str(d / f"pyrit_jailbreak_templates/templates/{t}.yaml")
+                               for t in ("security_researcher", "prefix_injection")], templates_per_prompt=2),
         SuiteConfig(name="overrefusal", data=[str(d / "jbb_benign/benign-behaviors.csv")], format="jailbreakbench",
                     limit=3),
         SuiteConfig(name="helpfulness", data=[str(d / "alpaca_instructions/alpaca.json")], format="alpaca", limit=3),
@@ -38,12 +39,13 @@ def test_all_suites_on_real_data(ray_local, datasets_dir, tiny_model, tiny_model
     assert any("copyright" in json.loads(line)["reason"] for line in (tmp_path / "rejects.jsonl").open())
     for name, entry in s.items():
         res = entry["models"]["tiny"]
-        assert res["answered"] == entry["rows"] and res["errors"] == 0, name
+        assert res["answered"] >= 1 and res["answered"] + res["errors"] == entry["rows"], name
         for metric in res["metrics"].values():
             assert 0 <= metric["ci"][0] <= metric["value"] <= metric["ci"][1] <= 1 or name == "helpfulness"
         rows = [json.loads(line) for line in (tmp_path / "responses" / name / "tiny.jsonl").open()]
-        assert all(r["response"] is not None and r["engine"] == engine for r in rows)
-    assert s["jailbreak"]["rows"] == 4  # 2 prompts x 2 templates, each with the request in its slot
+        assert all(r["engine"] == engine and (r["response"] is not None) != bool(r["error"]) for r in rows)
+        assert all("tokens" in r["error"] for r in rows if r["error"])  # too long for the context: kept, with why
+    assert s["jailbreak"]["rows"] == 4 == s["jailbreak"]["models"]["tiny"]["answered"]  # 2 prompts x 2 templates
     jb = [json.loads(line) for line in (tmp_path / "responses/jailbreak/tiny.jsonl").open()]
     assert all(r["objective"] in r["prompt"] and "{{" not in r["prompt"][-40:] for r in jb)
     helpful = s["helpfulness"]["models"]["tiny"]

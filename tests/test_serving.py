@@ -180,3 +180,17 @@ def test_killed_expert_replica_gives_clean_503s_and_comes_back(trained):
             time.sleep(2)
         assert len(now) == 2 and before[0] not in now, now
         assert _post(srv.base_url, body, None)[0] == 200
+
+
+def test_eval_suite_against_the_served_endpoint(server, datasets_dir, tmp_path, monkeypatch):
+    """Any OpenAI-compatible URL can be evaluated: here our own app, with its bearer key."""
+    from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
+
+    monkeypatch.setenv("MOTE_TEST_KEY", KEY)
+    cfg = EvalConfig(endpoints=[f"served={server}/v1"], api_key_env="MOTE_TEST_KEY", max_tokens=8, suites=[
+        SuiteConfig(name="harmlessness", data=[str(datasets_dir / "advbench/harmful_behaviors.csv")],
+                    format="advbench", limit=3)])
+    res = run_eval(cfg, tmp_path)["suites"]["harmlessness"]["models"]["served"]
+    assert res["answered"] == 3 and res["errors"] == 0 and res["metrics"]["harmless_rate"]["n"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "responses/harmlessness/served.jsonl").open()]
+    assert all(isinstance(r["response"], str) and r["completion_tokens"] > 0 for r in rows)

@@ -22,7 +22,7 @@ MODES = ("adaptive", "direct", "analysis", "full")
 @dataclass(frozen=True)
 class ModelSpec:
     label: str
-    kind: str  # "engine" | "mote" | "endpoint"
+    kind: str  # "engine" | "mote" | "adapter" (a one-LoRA baseline from `mote-ray train`) | "endpoint"
     target: str | None  # model path/id, MoTE dir, or base URL
     mode: str | None = None
     engine: str = "auto"
@@ -36,6 +36,10 @@ class ModelSpec:
         path, _, mode = rest.partition("@")
         if mode and mode not in MODES:
             raise MoteError(f"{spec}: mode must be one of {', '.join(MODES)}")
+        if is_mote_dir(path) and train_method(path) != "mote":  # sft / lora-chain: base + adapters/default
+            if mode:
+                raise MoteError(f"{spec}: {path} is a one-LoRA `{train_method(path)}` baseline; it has no modes")
+            return cls(label or Path(path).name, "adapter", path, engine=engine)
         if is_mote_dir(path):
             mode = mode or "adaptive"
             return cls(label or f"{Path(path).name}@{mode}", "mote", path, mode)
@@ -47,6 +51,42 @@ class ModelSpec:
 
 def is_mote_dir(path: str) -> bool:
     return bool(path) and (Path(path) / "mote").is_dir() and (Path(path) / "base").is_dir()
+
+
+def train_method(path: str) -> str:
+    import json
+
+    metrics = Path(path) / "train_metrics.json"
+    return json.loads(metrics.read_text()).get("method", "mote") if metrics.is_file() else "mote"
+
+
+class EvalEngineStage:
+    """EngineStage that answers what fits: a prompt longer than the engine's context is kept as an
+    error row with its reason (jailbreak templates can be long) instead of failing the batch."""
+
+    def __init__(self, **kwargs):
+        from mote_ray.engine_stage import EngineStage
+
+        self.stage = EngineStage(**kwargs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from mote_ray.chat import encode
+        from mote_ray.records import GenerationRequest
+
+        engine = self.stage.engine
+        limit = engine.config.max_model_len
+        rows, fits = batch.to_pylist(), []
+        for r in rows:
+            n = len(encode(engine.tokenizer, GenerationRequest(messages=r["messages"])))
+            if n >= limit:
+                r.update(text=None, error=f"prompt has {n} tokens; the engine's context is {limit}",
+                         completion_tokens=None, engine=engine.name)
+            else:
+                fits.append(r)
+        if fits:
+            done = {r["id"]: r for r in self.stage(pa.Table.from_pylist(fits)).to_pylist()}
+            rows = [done.get(r["id"], r) for r in rows]
+        return pa.Table.from_pylist([{**r, "error": r.get("error")} for r in rows])
 
 
 class MoTEResponder:
@@ -68,12 +108,17 @@ class MoTEResponder:
         from mote_ray.records import GenerationRequest
 
         rows = batch.to_pylist()
+        room = self.gen.model.lm.config.max_position_embeddings - sum(self.limits.values()) - 6  # + stage tokens
         for r in rows:
             t0 = time.perf_counter()
             ids = encode(self.tok, GenerationRequest(messages=[{"role": "user", "content": r["prompt"]}]))
+            if len(ids) > room:
+                r.update(response=None, stages=[], completion_tokens=None, seconds=0.0,
+                         error=f"prompt has {len(ids)} tokens; this model has room for {room} with its stage limits")
+                continue
             out = self.gen.generate(ids, mode=self.mode, limits=self.limits)
             r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, error=None)
         return pa.Table.from_pylist(rows)
 
 
@@ -121,18 +166,30 @@ def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits:
     init_ray()
     ds = ray.data.from_items(rows)
     pool = PoolConfig(batch_size=16)
-    if spec.kind == "engine":
-        ds = ds.map(lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}]})
-        out = map_engine(ds, EngineConfig(model=spec.target, engine=spec.engine), pool,
-                         sampling=SamplingParams(max_tokens=max_tokens)).take_all()
+    if spec.kind in ("engine", "adapter"):
+        adapter = None
+        cfg = EngineConfig(model=spec.target, engine=spec.engine)
+        if spec.kind == "adapter":
+            import json
+
+            from mote_ray.mote.fast import vllm_rank
+
+            adapter = {"default": str(Path(spec.target) / "adapters" / "default")}
+            rank = json.loads((Path(adapter["default"]) / "adapter_config.json").read_text())["r"]
+            cfg = EngineConfig(model=str(Path(spec.target) / "base"), engine=spec.engine, enable_lora=True,
+                               max_lora_rank=vllm_rank(rank), max_loras=1)
+        use = "default" if adapter else None
+        ds = ds.map(lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}], "adapter": use})
+        out = map_engine(ds, cfg, pool, stage=EvalEngineStage, stage_kwargs=dict(
+            engine_config=cfg.model_dump(), adapters=adapter,
+            sampling=SamplingParams(max_tokens=max_tokens).model_dump())).take_all()
         for r in out:
-            r.update(response=r.pop("text"), stages=[], error=None)
+            r.update(response=r.pop("text"), stages=[])
             r.pop("messages", None)
+            r.pop("adapter", None)
     elif spec.kind == "mote":
         out = map_engine(ds, EngineConfig(), pool, stage=MoTEResponder, stage_kwargs=dict(
             model_dir=str(spec.target), mode=spec.mode, limits=limits or {"answer": max_tokens})).take_all()
-        for r in out:
-            r["error"] = None
     else:
         out = ds.map_batches(EndpointResponder, fn_constructor_kwargs=dict(
             url=spec.target, model=spec.served_model, max_tokens=max_tokens, api_key=api_key, mote_mode=spec.mode),

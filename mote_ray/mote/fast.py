@@ -103,7 +103,7 @@ def load_fast_engine(model_dir, engine: str = "auto", **engine_kwargs):
         raise MoteError(f"{root} has no exported adapter for stage(s) {missing}; the fast path needs "
                         f"`mote-ray train --method mote` output (adapters/<stage>/)")
     rank = max(json.loads((p / "adapter_config.json").read_text())["r"] for p in adapters.values())
-    cfg = EngineConfig(model=str(root / "base"), engine=engine, enable_lora=True, max_lora_rank=_vllm_rank(rank),
+    cfg = EngineConfig(model=str(root / "base"), engine=engine, enable_lora=True, max_lora_rank=vllm_rank(rank),
                        max_loras=len(EXPERTS), **engine_kwargs)
     eng = create_engine(cfg)
     for stage, path in adapters.items():
@@ -111,6 +111,6 @@ def load_fast_engine(model_dir, engine: str = "auto", **engine_kwargs):
     return eng
 
 
-def _vllm_rank(r: int) -> int:
+def vllm_rank(r: int) -> int:
     # vLLM accepts a fixed set of max_lora_rank values; take the smallest that fits.
     return next(v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r)
