@@ -145,6 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     jd.add_argument("--out", required=True, help="JSON file to write")
     jd.set_defaults(func=cmd_judge_fit)
 
+    an = sub.add_parser("anchored", help="anchored preference pairs and DPO (pairs | dpo | eval)")
+    asub = an.add_subparsers(title="anchored commands")
+    ap = asub.add_parser("pairs", help="sample N explained answers per task, judge them, build anchored + rank pairs")
+    _engine_args(ap)
+    _task_args(ap)
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--judge-model", help="explanation judge and consultant (default: --model)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a PairsConfig field")
+    ap.add_argument("--out", required=True)
+    ap.set_defaults(func=cmd_anchored_pairs)
+    ad = asub.add_parser("dpo", help="DPO (TRL) on Ray Train; the reference is --model, a fresh LoRA is trained")
+    ad.add_argument("--pairs", required=True, help="an `anchored pairs` output directory")
+    ad.add_argument("--model", required=True, help="the fine-tuned model the pairs were sampled from")
+    ad.add_argument("--kind", default="anchor", choices=["anchor", "rank"])
+    ad.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a DPOJobConfig field")
+    ad.add_argument("--out", required=True)
+    ad.set_defaults(func=cmd_anchored_dpo)
+    ae = asub.add_parser("eval", help="base vs rank vs anchor: accuracy, judge score, win/tie/loss (Table 1)")
+    ae.add_argument("--model", action="append", required=True, dest="models",
+                    help="label=MODEL_OR_DPO_DIR; the first is the base the others are compared with")
+    _task_args(ae)
+    ae.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    ae.add_argument("--judge-model", help="explanation judge (default: the base)")
+    ae.add_argument("--out", required=True)
+    ae.set_defaults(func=cmd_anchored_eval)
+
     pl = sub.add_parser("pipeline", help="generate -> train -> evaluate (base vs MoTE) in one resumable job")
     pl.add_argument("--out", required=True)
     pl.add_argument("--config", help="YAML PipelineConfig (jobs/configs/pipeline.yaml)")
@@ -152,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pl.set_defaults(func=cmd_pipeline)
     return p
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a gold-labelled task file")
+    p.add_argument("--format", required=True, choices=["arc", "openbookqa", "aqua", "logiqa", "safety"])
+    p.add_argument("--gold", choices=["refuse", "answer"], help="safety tasks: what every prompt in --data should get")
+    p.add_argument("--limit", type=int)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -397,6 +430,51 @@ def cmd_judge_fit(args) -> int:
     judge = RefusalJudge().fit([r["objective"] for r in rows], [r["response"] for r in rows], [r["label"] for r in rows])
     judge.save(args.out)
     print(f"mote-ray: refusal judge fitted on {len(rows)} labelled responses -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_anchored_pairs(args) -> int:
+    from mote_ray.anchored.data import load_tasks
+    from mote_ray.anchored.job import PairsConfig, run_pairs
+    from mote_ray.config import apply_overrides
+
+    tasks, rejects = load_tasks(args.data, args.format, args.gold, args.limit)
+    if not tasks:
+        from mote_ray.errors import MoteError
+
+        raise MoteError(f"no usable tasks in {args.data} ({len(rejects)} rejected)")
+    data = apply_overrides({"engine": _engine_config(args).model_dump(), "n": args.n,
+                            "judge_model": args.judge_model}, args.set)
+    stats = run_pairs(PairsConfig(**data), tasks, args.out, rejects)
+    print(json.dumps(stats, indent=2))
+    print(f"mote-ray: pairs in {args.out}/pairs.jsonl, samples in {args.out}/samples.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_anchored_dpo(args) -> int:
+    from mote_ray.anchored.dpo import DPOJobConfig, run_dpo
+    from mote_ray.config import apply_overrides
+
+    m = run_dpo(DPOJobConfig(**apply_overrides({"model": args.model, "kind": args.kind}, args.set)), args.pairs, args.out)
+    print(json.dumps({k: v for k, v in m.items() if k != "history"}, indent=2))
+    print(f"mote-ray: DPO adapter in {args.out}/adapter (reference: {m['reference']})", file=sys.stderr)
+    return 0
+
+
+def cmd_anchored_eval(args) -> int:
+    from mote_ray.anchored.data import load_tasks
+    from mote_ray.anchored.evaluate import evaluate
+    from mote_ray.errors import MoteError
+
+    models = {}
+    for spec in args.models:
+        label, sep, target = spec.partition("=")
+        if not sep:
+            raise MoteError(f"--model {spec!r}: write label=MODEL_OR_DPO_DIR")
+        models[label] = target
+    tasks, _ = load_tasks(args.data, args.format, args.gold, args.limit)
+    evaluate(models, tasks, args.out, args.engine, args.judge_model)
+    print(open(f"{args.out}/anchored_eval.md").read())
     return 0
 
 

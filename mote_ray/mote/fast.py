@@ -13,6 +13,7 @@ logic serves both drivers: `run_chains` (lock-step batches, offline) and the Ser
 
 from __future__ import annotations
 
+import time
 from typing import Generator, Sequence
 
 from mote_ray.mote.generate import DEFAULT_LIMITS, FORCED, Mode, MoTEOutput
@@ -51,8 +52,10 @@ def chain(prompt_ids: list[int], stage_ids: dict[str, tuple[int, int]], eos: int
         start, end = stage_ids[stage]
         ids.append(start)
         out.token_ids.append(start)
+        t0 = time.perf_counter()
         res = yield GenerationRequest(prompt_ids=ids, adapter=stage, sampling=sampling(
             max_tokens=limits[stage], stop_token_ids=(end,), banned_token_ids=tuple(t for t in specials if t != end)))
+        out.stage_seconds[stage] = time.perf_counter() - t0  # includes waiting for the batch it joined
         step += 1
         ids += res.token_ids
         out.token_ids += res.token_ids

@@ -9,6 +9,7 @@ representations across stages (design.md, "Exactness note"). The prompt is encod
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,7 @@ class MoTEOutput:
     stages: dict[str, str]  # stage -> text, in the order generated
     token_ids: list[int]  # every generated id, stage tokens included
     stage_tokens: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage
     finish_reason: str = "stop"
 
     @property
@@ -48,7 +50,7 @@ class MoTEGenerator:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         plan = list(FORCED.get(mode, []))
         out = MoTEOutput(stages={}, token_ids=[])
-        stage, count = None, 0
+        stage, count, t_stage = None, 0, time.perf_counter()
         logits, past = self._forward(prompt_ids, [self.prompt_expert] * len(prompt_ids), None)
         while True:
             if stage is None:  # between stages: only a start token may come next
@@ -56,7 +58,7 @@ class MoTEGenerator:
                 if not allowed:
                     break
                 token = self._pick(logits, temperature, gen, only=allowed)
-                stage, count = self.start_to_stage[token], 0
+                stage, count, t_stage = self.start_to_stage[token], 0, time.perf_counter()
                 out.stages[stage] = ""
                 if plan:
                     plan.pop(0)
@@ -72,12 +74,14 @@ class MoTEGenerator:
                 on_token(stage, token)
             expert = EXPERTS.index(stage)
             if token == self.tok.eos_token_id:  # EOS inside a stage closes the answer
+                out.stage_seconds[stage] = time.perf_counter() - t_stage
                 break
             if stage is not None and token not in (self.ids[stage][0], self.ids[stage][1]):
                 count += 1
                 out.stage_tokens[stage] = count
             logits, past = self._forward([token], [expert], past)
             if token == self.ids[stage][1]:
+                out.stage_seconds[stage] = time.perf_counter() - t_stage
                 if stage == "answer":
                     break
                 stage = None

@@ -87,7 +87,7 @@ class ExactExpert:
 
 def _result(out, ids: list[int], t0: float | None = None) -> dict:
     return {"answer": out.answer, "stages": out.stages, "stage_tokens": out.stage_tokens,
-            "finish_reason": out.finish_reason, "prompt_tokens": len(ids), "completion_tokens": len(out.token_ids),
+            "stage_seconds": out.stage_seconds, "finish_reason": out.finish_reason, "prompt_tokens": len(ids), "completion_tokens": len(out.token_ids),
             "token_ids": out.token_ids, "seconds": time.perf_counter() - t0 if t0 else None}
 
 
@@ -176,6 +176,8 @@ class Router:
         self.stage_tokens = metrics.Counter("mote_serve_stage_tokens", "Generated tokens per stage", tag_keys=("stage",))
         self.stages_used = metrics.Histogram("mote_serve_stages_per_request", "Stages used per request",
                                              boundaries=[1, 2, 3])
+        self.stage_seconds = metrics.Histogram("mote_serve_stage_seconds", "Time per stage", tag_keys=("stage",),
+                                               boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
 
     @app.get("/healthz")
     def healthz(self):
@@ -259,6 +261,8 @@ class Router:
         self.stages_used.observe(len(result["stages"]))
         for stage, n in result["stage_tokens"].items():
             self.stage_tokens.inc(n, tags={"stage": stage})
+        for stage, sec in result.get("stage_seconds", {}).items():
+            self.stage_seconds.observe(sec, tags={"stage": stage})
 
     def _log(self, rid, mode, status, t0, result=None):
         # Structured and without prompt or answer text (privacy by default).

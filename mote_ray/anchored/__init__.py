@@ -1,0 +1,1 @@
+"""Anchored preference pairs and DPO (design.md, "Anchored preference pairs")."""
