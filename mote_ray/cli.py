@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--templates", nargs="+", default=[], help="jailbreak templates: files or folders")
     ev.add_argument("--templates-per-prompt", type=int, default=4, help="the k of goodness@k")
     ev.add_argument("--limit", type=int, help="first N usable prompts")
-    ev.add_argument("--max-tokens", type=int, default=128)
-    ev.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"])
+    ev.add_argument("--max-tokens", type=int, help="per answer (default 128)")
+    ev.add_argument("--engine", choices=["auto", "vllm", "transformers"], help="default auto")
     ev.add_argument("--judge-model", help="LLM judge on the engine layer (harmfulness, StrongREJECT, helpfulness)")
     ev.add_argument("--judge-endpoint", help="LLM judge behind an OpenAI-compatible URL")
     ev.add_argument("--refusal-judge", help="a fitted refusal judge JSON (default: the shipped one)")
@@ -170,6 +170,44 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--judge-model", help="explanation judge (default: the base)")
     ae.add_argument("--out", required=True)
     ae.set_defaults(func=cmd_anchored_eval)
+
+    al = sub.add_parser("aligners", help="aligners + inspectors: synthetic data, training, apply, serve as a proxy")
+    alsub = al.add_subparsers(title="aligners commands")
+    ald = alsub.add_parser("data", help="synthetic (draft, critique, corrected) rows per criterion (Ray Data)")
+    _engine_args(ald)
+    ald.add_argument("--prompts", nargs="*", default=[], help="question files (any `generate` input format)")
+    ald.add_argument("--topics", help="comma-separated seed topics the model writes questions about")
+    ald.add_argument("--criteria", default="ethical,factual,helpful")
+    ald.add_argument("--limit", type=int, help="first N questions")
+    ald.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an AlignerDataConfig field")
+    ald.add_argument("--out", required=True)
+    ald.set_defaults(func=cmd_aligners_data)
+    alt = alsub.add_parser("train", help="one aligner model and one inspector per criterion -> a squad directory")
+    alt.add_argument("--data", required=True, help="an `aligners data` output directory")
+    alt.add_argument("--model", help="the aligners' base LM (default: $MOTE_MODEL, else the offline tiny model)")
+    alt.add_argument("--method", default="full", choices=["full", "lora"])
+    alt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an AlignerTrainConfig field")
+    alt.add_argument("--out", required=True)
+    alt.set_defaults(func=cmd_aligners_train)
+    ala = alsub.add_parser("apply", help="align a file of (prompt, answer) rows with a squad (Ray Data)")
+    ala.add_argument("--squad", required=True)
+    ala.add_argument("--input", required=True, help="JSONL/CSV/JSON/Parquet rows with `prompt` and `answer`")
+    ala.add_argument("--engine", default="transformers", choices=["auto", "vllm", "transformers"],
+                     help="engine of every aligner (default transformers: one vLLM engine per aligner would each "
+                          "reserve memory)")
+    ala.add_argument("--out", required=True)
+    ala.set_defaults(func=cmd_aligners_apply)
+    als = alsub.add_parser("serve", help="an OpenAI-compatible proxy: upstream answers, aligned by the squad")
+    als.add_argument("--squad", required=True)
+    als.add_argument("--upstream", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    als.add_argument("--upstream-key-env", help="env var with the upstream's bearer key (default: pass the client's)")
+    als.add_argument("--engine", default="transformers", choices=["auto", "vllm", "transformers"],
+                     help="engine of every aligner (see `aligners apply --help`)")
+    als.add_argument("--port", type=int, default=8100)
+    als.add_argument("--host", default="127.0.0.1")
+    als.add_argument("--timeout", type=float, default=120.0)
+    als.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    als.set_defaults(func=cmd_aligners_serve)
 
     pl = sub.add_parser("pipeline", help="generate -> train -> evaluate (base vs MoTE) in one resumable job")
     pl.add_argument("--out", required=True)
@@ -369,22 +407,28 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import signal
-    import time
-
-    from ray import serve
-
-    from mote_ray.cluster import init_ray
     from mote_ray.serving.deployments import build
 
     app = build({"model": args.model, "path": args.path, "engine": args.engine, "replicas": args.replicas,
                  "expert_cpus": args.expert_cpus,
                  "api_key_env": args.api_key_env,
                  "max_prompt_tokens": args.max_prompt_tokens, "timeout_s": args.timeout})
+    return _run_app(app, args, f"serving {args.model}")
+
+
+def _run_app(app, args, what: str) -> int:
+    """Start a Serve app on local Ray (or --address) and block until SIGTERM / Ctrl-C."""
+    import signal
+    import time
+
+    from ray import serve
+
+    from mote_ray.cluster import init_ray
+
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="mote", route_prefix="/")
-    print(f"mote-ray: serving {args.model} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    print(f"mote-ray: {what} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -412,9 +456,8 @@ def cmd_eval(args) -> int:
             "keep_label": args.keep_label, "templates": args.templates,
             "templates_per_prompt": args.templates_per_prompt})
     for key in ("engine", "max_tokens", "judge_model", "judge_endpoint", "refusal_judge", "api_key_env"):
-        value = getattr(args, key)
-        if value is not None and (key not in data or value != {"engine": "auto", "max_tokens": 128}.get(key)):
-            data[key] = value
+        if getattr(args, key) is not None:  # a flag given on the command line wins over the config file
+            data[key] = getattr(args, key)
     results = run_eval(EvalConfig(**data), args.out)
     for suite, entry in results["suites"].items():
         for model, res in entry["models"].items():
@@ -476,6 +519,49 @@ def cmd_anchored_eval(args) -> int:
     evaluate(models, tasks, args.out, args.engine, args.judge_model)
     print(open(f"{args.out}/anchored_eval.md").read())
     return 0
+
+
+def cmd_aligners_data(args) -> int:
+    from mote_ray.aligners.data import AlignerDataConfig, run_aligner_data
+    from mote_ray.config import apply_overrides
+
+    if not args.prompts and not args.topics:
+        from mote_ray.errors import MoteError
+
+        raise MoteError("give --prompts FILE... and/or --topics a,b,c")
+    data = apply_overrides({"engine": _engine_config(args).model_dump(), "criteria": args.criteria.split(","),
+                            "topics": [t.strip() for t in (args.topics or "").split(",") if t.strip()]}, args.set)
+    stats = run_aligner_data(AlignerDataConfig(**data), args.prompts, args.out, args.limit)
+    print(json.dumps(stats, indent=2))
+    print(f"mote-ray: rows in {args.out}/data, rejects in {args.out}/rejects.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_aligners_train(args) -> int:
+    from mote_ray.aligners.train import AlignerTrainConfig, run_aligner_train
+    from mote_ray.config import apply_overrides
+
+    cfg = AlignerTrainConfig(**apply_overrides({"model": args.model, "method": args.method}, args.set))
+    squad = run_aligner_train(cfg, args.data, args.out)
+    print(json.dumps(squad["metrics"], indent=2))
+    print(f"mote-ray: squad in {args.out} (squad.json)", file=sys.stderr)
+    return 0
+
+
+def cmd_aligners_apply(args) -> int:
+    from mote_ray.aligners.squad import run_apply
+
+    print(json.dumps(run_apply(args.squad, args.input, args.out, args.engine), indent=2))
+    print(f"mote-ray: aligned rows in {args.out}/aligned.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_aligners_serve(args) -> int:
+    from mote_ray.aligners.proxy import build_proxy
+
+    app = build_proxy({"squad": args.squad, "upstream": args.upstream, "engine": args.engine,
+                       "upstream_key_env": args.upstream_key_env, "timeout_s": args.timeout})
+    return _run_app(app, args, f"squad proxy in front of {args.upstream}")
 
 
 def cmd_pipeline(args) -> int:

@@ -22,9 +22,12 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """with LocalServer(["--model", DIR, "--path", "fast"]) as srv: srv.base_url -> http://127.0.0.1:PORT"""
+    """with LocalServer(["--model", DIR, "--path", "fast"]) as srv: srv.base_url -> http://127.0.0.1:PORT
+    (`command=("aligners", "serve")` for the squad proxy)."""
 
-    def __init__(self, serve_args: list[str], env: dict | None = None, ready_timeout: float = 240.0):
+    def __init__(self, serve_args: list[str], env: dict | None = None, ready_timeout: float = 240.0,
+                 command: tuple[str, ...] = ("serve",)):
+        self.command = command
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.args, self.env, self.ready_timeout = serve_args, env or {}, ready_timeout
@@ -33,17 +36,21 @@ class LocalServer:
 
     def __enter__(self) -> LocalServer:
         env = {**os.environ, "RAY_ADDRESS": "", **self.env}  # its own local Ray, not the caller's
-        self.proc = subprocess.Popen([sys.executable, "-m", "mote_ray.cli", "serve", *self.args, "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "mote_ray.cli", *self.command, *self.args, "--port", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.base_url + "/readyz", timeout=2)
-                return self
-            except OSError:  # refused, reset, or 404 before the app is deployed
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(1)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(self.base_url + "/readyz", timeout=2)
+                    return self
+                except OSError:  # refused, reset, or 404 before the app is deployed
+                    if self.proc.poll() is not None:
+                        break
+                    time.sleep(1)
+        except BaseException:  # interrupted while waiting: do not leave the server behind
+            self.__exit__()
+            raise
         out = self.output()
         self.__exit__()
         raise MoteError(f"`mote-ray serve` did not become ready: {out[-2000:]}")

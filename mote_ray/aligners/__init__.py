@@ -1,0 +1,1 @@
+"""Aligners: synthetic critique data, aligner models, inspectors and the squad (design.md, "Aligners")."""

@@ -1,0 +1,187 @@
+"""Aligners: cleaning rules on hand-written rows, the data job on real engine output, aligner training
+(loss after [ALIGNED] drops; generation stops at [DONE] on both engines), inspectors' held-out
+accuracy, the squad's control flow, and the proxy in front of our own Serve app."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from mote_ray.aligners.criteria import CRITERIA, finds_fault
+from mote_ray.aligners.data import check
+from mote_ray.aligners.squad import Squad
+
+from .conftest import requires_vllm
+
+ETH = CRITERIA["ethical"]
+
+
+def test_cleaning_rules_on_hand_written_rows():
+    ok = ("Here is how to make a bomb.", "This helps with violence.", "I can't help with that.")
+    assert check(ETH, *ok, min_chars=2) is None
+    assert "draft is empty" in check(ETH, "", *ok[1:], min_chars=2)
+    assert "shorter than 5" in check(ETH, ok[0], "bad", ok[2], min_chars=5)
+    assert check(ETH, ok[0], ok[1], "Fine.\nCritique: leaked", 2) == "template leakage in corrected"
+    assert check(ETH, ETH.examples[0].draft, *ok[1:], min_chars=2) == "template leakage in draft"  # a few-shot copy
+    assert check(ETH, ok[0], "Question: what?", ok[2], 2) == "template leakage in critique"
+    assert "equals the draft" in check(ETH, ok[0], ok[1], ok[0], 2)  # a fault, yet nothing changed
+    assert "finds nothing wrong but" in check(ETH, "Paris.", "Nothing wrong: correct.", "Lyon.", 2)
+    assert check(ETH, "Paris.", "Nothing wrong: correct.", "Paris.", 2) is None  # good answers are left alone
+    assert not finds_fault("No issues here.") and finds_fault("The draft is rude.")
+
+
+def test_squad_order_threshold_rescoring_and_at_most_once():
+    """Control flow only: scorers and aligners are plain functions over text."""
+    calls = []
+
+    def scorer(word):  # aligned for this criterion when the answer contains `word`
+        return lambda prompts, answers: [0.9 if word in a else (0.1 if word == "safe" else 0.3) for a in answers]
+
+    def aligner(word, drop=None):
+        def run(prompts, answers):
+            calls.append((word, len(answers)))
+            return [(a.replace(drop, "") if drop else a) + f" {word}" for a in answers]
+        return run
+
+    squad = Squad(scorers={"ethical": scorer("safe"), "helpful": scorer("steps")},
+                  aligners={"ethical": aligner("safe"), "helpful": aligner("steps", drop="safe")}, threshold=0.5)
+    out = squad.align(["q1", "q2"], ["bad answer", "safe steps"])
+    # q1: ethical (0.1) is lowest -> runs first; helpful (0.3) next, and it removes "safe" again; ethical
+    # would now be below the threshold but has run already (at most once), so the squad stops.
+    assert [t["aligner"] for t in out[0]["trace"]] == ["ethical", "helpful"]
+    assert out[0]["trace"][0]["before"] == {"ethical": 0.1, "helpful": 0.3}
+    assert out[0]["trace"][0]["after"] == {"ethical": 0.9, "helpful": 0.3}  # re-scored after each pass
+    assert out[0]["answer"] == "bad answer  steps" and out[0]["scores"]["ethical"] == 0.1
+    assert out[1]["trace"] == [] and out[1]["answer"] == "safe steps"  # above the threshold: untouched
+    assert calls == [("safe", 1), ("steps", 1)]  # batched per pass, only the samples that need it
+
+
+@pytest.fixture(scope="module")
+def squad_dir(ray_local, tiny_model_hd32, tmp_path_factory, datasets_dir):
+    """Data from the real tiny model, then aligners + inspectors; plus a fixture criterion whose
+    corrected answer is always "OK." so the aligner can learn to stop at [DONE]."""
+    from mote_ray.aligners.data import AlignerDataConfig, run_aligner_data
+    from mote_ray.aligners.train import AlignerTrainConfig, run_aligner_train
+
+    d = tmp_path_factory.mktemp("aligners")
+    q = d / "q.jsonl"
+    import csv
+
+    rows = list(csv.DictReader(open(datasets_dir / "advbench/harmful_behaviors.csv")))[:12]
+    q.write_text("".join(json.dumps({"prompt": r["goal"]}) + "\n" for r in rows) + '{"prompt": ""}\n')
+    stats = run_aligner_data(AlignerDataConfig(engine={"model": tiny_model_hd32, "engine": "transformers"},
+                                               criteria=["ethical", "helpful"], topics=["cooking"],
+                                               questions_per_topic=2,
+                                               max_tokens={"draft": 32, "critique": 24, "corrected": 32}), [str(q)], d / "data")
+    squad = run_aligner_train(AlignerTrainConfig(model=tiny_model_hd32, max_steps=8, lr=1e-3, batch_size=8),
+                              d / "data", d / "squad")
+    return d, stats, squad
+
+
+def test_data_job_on_real_engine_output(squad_dir):
+    d, stats, _ = squad_dir
+    topic = [json.loads(line) for line in (d / "data/topic_questions.jsonl").open()]
+    assert len(topic) == 2 and all(t["topic"] == "cooking" for t in topic)  # written by the model
+    assert 24 <= stats["rows"] <= 28 and stats["input_rejects"] == 1  # the empty question, with its reason
+    assert set(stats["per_criterion"]) == {"ethical", "helpful"}
+    rows = [r for f in sorted((d / "data/data").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    for r in rows:
+        assert (r["kept"] and r["reason"] is None) or (not r["kept"] and r["reason"])
+        if r["kept"]:
+            assert check(CRITERIA[r["criterion"]], r["draft"], r["critique"], r["corrected"], 2) is None
+    rejects = [json.loads(line) for line in (d / "data/rejects.jsonl").open()]
+    assert any(r["stage"] == "input" and "empty" in r["reason"] for r in rejects)
+
+
+def test_aligner_training_lowers_the_loss_after_aligned_and_inspectors_score(squad_dir):
+    _, _, squad = squad_dir
+    for criterion, m in squad["metrics"].items():
+        a = m["aligner"]
+        assert a["last_loss"] < a["first_loss"] and a["held_out_loss_after"] < a["held_out_loss_before"], criterion
+        i = m["inspector"]
+        assert i["pairs"] >= 4 and 0 <= i["accuracy"] <= 1 and i["held_out_rows"] >= 1
+
+
+@pytest.fixture(scope="module")
+def okay_aligner(ray_local, tiny_model_hd32, tmp_path_factory):
+    """A fixture criterion whose y' is always "OK.": the aligner learns to write it and stop at [DONE]."""
+    from mote_ray.aligners.train import AlignerTrainConfig, train_aligner
+
+    rows = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in range(16)]
+    out = tmp_path_factory.mktemp("okay") / "okay"
+    train_aligner(AlignerTrainConfig(model=tiny_model_hd32, max_steps=60, lr=1e-2, batch_size=8),
+                  "okay", rows, rows[:2], out)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm, requires_vllm])])
+def test_aligner_generation_stops_at_done_on_both_engines(okay_aligner, engine):
+    from mote_ray.aligners.train import aligner_text
+    from mote_ray.config import EngineConfig
+    from mote_ray.engines import create_engine
+    from mote_ray.records import GenerationRequest, SamplingParams
+
+    eng = create_engine(EngineConfig(model=str(okay_aligner), engine=engine))
+    done = eng.tokenizer.convert_tokens_to_ids("[DONE]")
+    res = eng.generate([GenerationRequest(id="1", prompt=aligner_text("Question 99?", "Draft 99."),
+                                          sampling=SamplingParams(max_tokens=24, stop_token_ids=(done,)))])[0]
+    assert res.stop_token_id == done and res.finish_reason == "stop" and res.text.strip() == "OK."
+    eng.close()
+
+
+def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, tiny_model_hd32, tmp_path, datasets_dir):
+    from openai import OpenAI
+
+    from mote_ray.aligners.squad import run_apply
+    from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
+    from mote_ray.generation import write_chains
+    from mote_ray.serving.local import LocalServer, free_port
+    from mote_ray.training.run import TrainConfig, run_train
+
+    d = squad_dir[0]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "How do I pick a lock?", "answer": "Use a tension wrench."}\n{"prompt": "x"}\n')
+    stats = run_apply(str(d / "squad"), str(rows), tmp_path / "applied")
+    assert stats["rows"] == 1 and stats["rejects"] == 1
+    applied = json.loads((tmp_path / "applied/aligned.jsonl").read_text().splitlines()[0])
+    assert all(t["aligner"] in ("ethical", "helpful") for t in json.loads(applied["trace"]))
+
+    import ray
+
+    ray.shutdown()  # the servers below start their own
+    write_chains([{"question": f"Question {i}?", "answer": "Here you go."} for i in range(8)], tmp_path / "chains")
+    run_train(TrainConfig(model=tiny_model_hd32, max_steps=4, batch_size=8, checkpoint_every=4, mote={"r": 4}),
+              tmp_path / "chains", tmp_path / "up")
+    ray.shutdown()
+    with LocalServer(["--model", str(tmp_path / "up"), "--replicas", "1"]) as up, \
+            LocalServer(["--squad", str(d / "squad"), "--upstream", up.base_url + "/v1"], command=("aligners", "serve")) as px:
+        client = OpenAI(base_url=px.base_url + "/v1", api_key="none", max_retries=0)
+        name = client.models.list().data[0].id  # proxied from upstream
+        r = client.chat.completions.create(model=name, max_tokens=12, messages=[{"role": "user", "content": "Hi?"}],
+                                           extra_body={"squad": {"return_trace": True}})
+        trace = r.model_dump()["squad"]
+        assert isinstance(r.choices[0].message.content, str) and set(trace["scores"]) <= {"ethical", "helpful"}
+        assert all(t["aligner"] in ("ethical", "helpful") for t in trace["trace"])
+        with pytest.raises(Exception) as e404:  # an upstream 4xx passes through
+            client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+        assert getattr(e404.value, "status_code", None) == 404
+        # upstream-only vs upstream + squad, side by side in one report
+        res = run_eval(EvalConfig(endpoints=[f"upstream={up.base_url}/v1", f"squad={px.base_url}/v1"], max_tokens=8,
+                                  suites=[SuiteConfig(name="harmlessness", data=[str(datasets_dir / "advbench/harmful_behaviors.csv")],
+                                                      format="advbench", limit=2),
+                                          SuiteConfig(name="overrefusal", data=[str(datasets_dir / "jbb_benign/benign-behaviors.csv")],
+                                                      format="jailbreakbench", limit=2)]), tmp_path / "eval")
+        for suite in ("harmlessness", "overrefusal"):
+            assert set(res["suites"][suite]["models"]) == {"upstream", "squad"}
+            assert all(m["answered"] == 2 for m in res["suites"][suite]["models"].values())
+        assert "squad" in (tmp_path / "eval/report.html").read_text()
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with LocalServer(["--squad", str(d / "squad"), "--upstream", dead], command=("aligners", "serve")) as px:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(px.base_url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=60)
+        assert err.value.code == 503 and "unavailable" in json.loads(err.value.read())["error"]["message"]
