@@ -39,6 +39,14 @@ class PoolPlan:
     threads: int  # torch threads per actor (Ray would set OMP_NUM_THREADS=1 for a fractional actor)
 
 
+def train_worker_cpus(workers: int) -> float:
+    """CPUs per Ray Train worker for the small CPU jobs (aligners, DPO): at most 1, never the whole node."""
+    import ray
+
+    cpus = ray.available_resources().get("CPU", 1)
+    return max(0.5, min(1.0, cpus / workers))
+
+
 def plan_pool(pool: PoolConfig, resources: dict, *, use_gpu: bool) -> PoolPlan:
     """Actor count and per-actor resources from the cluster, honouring what the config fixes."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))

@@ -160,3 +160,9 @@ def _gpt2_byte_chars() -> dict[int, str]:
             chars.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def worker_path(model: str | None) -> str:
+    """The resolved model as Ray workers can open it: local paths made absolute (workers run elsewhere)."""
+    path = resolve_model(model).path
+    return str(Path(path).resolve()) if Path(path).exists() else path

@@ -133,23 +133,20 @@ def _train_loop(cfg: dict) -> None:
 
 
 def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict], held: list[dict], out: Path) -> dict:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mote_ray.cluster import init_ray
-    from mote_ray.models import resolve_model
+    from mote_ray.cluster import init_ray, train_worker_cpus
+    from mote_ray.models import worker_path
 
     init_ray()
-    base = resolve_model(config.model).path
-    base = str(Path(base).resolve()) if Path(base).exists() else base
-    cpus = ray.available_resources().get("CPU", 1)
+    base = worker_path(config.model)
     cols = ("question", "draft", "corrected")
     loop = {**config.model_dump(), "base": base, "criterion": criterion, "out": str(out.resolve()),
             "train": [{k: r[k] for k in cols} for r in train], "held": [{k: r[k] for k in cols} for r in held]}
     TorchTrainer(_train_loop, train_loop_config=loop,
                  scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False,
-                                              resources_per_worker={"CPU": max(0.5, min(1.0, cpus / config.workers))}),
+                                              resources_per_worker={"CPU": train_worker_cpus(config.workers)}),
                  run_config=RunConfig(storage_path=str(out.resolve().parent / ".ray"), name=f"aligner-{criterion}")).fit()
     return json.loads((out / "aligner_metrics.json").read_text())
 

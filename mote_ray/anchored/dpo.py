@@ -39,7 +39,7 @@ class DPOJobConfig(BaseModel):
 
 def reference_model(model: str, out: Path) -> str:
     """The reference as a plain model directory: merge a one-LoRA training output, else use as is."""
-    from mote_ray.models import resolve_model
+    from mote_ray.models import worker_path
 
     p = Path(model)
     if (p / "adapters" / "default" / "adapter_config.json").is_file() and (p / "base").is_dir():
@@ -54,8 +54,7 @@ def reference_model(model: str, out: Path) -> str:
     if (p / "mote").is_dir():
         raise MoteError(f"{model} is a MoTE model (several experts): DPO here trains a one-adapter policy; "
                         "give the model the pairs were sampled from as a plain directory or an sft output")
-    path = resolve_model(model).path
-    return str(Path(path).resolve()) if Path(path).exists() else path  # workers run in another directory
+    return worker_path(model)
 
 
 def _read_pairs(pairs_dir: Path, kind: str) -> tuple[list[dict], list[dict]]:
@@ -116,19 +115,16 @@ def run_dpo(config: DPOJobConfig, pairs_dir: str | Path, out: str | Path) -> dic
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mote_ray.cluster import init_ray
+    from mote_ray.cluster import init_ray, train_worker_cpus
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     train, held = _read_pairs(Path(pairs_dir), config.kind)
     reference = reference_model(config.model, out)
     init_ray()
-    import ray
-
-    cpus = ray.available_resources().get("CPU", 1)
     loop_cfg = {**config.model_dump(), "reference": reference, "out": str(out), "train": train, "held": held}
     TorchTrainer(_train_loop, train_loop_config=loop_cfg,
                  scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False,
-                                              resources_per_worker={"CPU": max(0.5, min(1.0, cpus / config.workers))}),
+                                              resources_per_worker={"CPU": train_worker_cpus(config.workers)}),
                  run_config=RunConfig(storage_path=str(out / "ray"), name="dpo")).fit()
     return json.loads((out / "dpo_metrics.json").read_text())
