@@ -9,7 +9,6 @@ stages multiplexed on it by adapter name (mote/fast.py) — the fast path.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
