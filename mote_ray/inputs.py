@@ -119,9 +119,7 @@ def records(path: str, fmt: Format = "auto") -> Iterator[tuple[int, object]]:
         items = data if isinstance(data, list) else data.get("data") or data.get("rows") or [data]
         yield from enumerate(items, start=1)
     elif kind == "csv":
-        text = _open_text(path).read()
-        lines = [ln for ln in text.splitlines(keepends=True) if not ln.startswith("#")]  # refusal_labels style
-        yield from enumerate(csv.DictReader(io.StringIO("".join(lines))), start=1)
+        yield from csv_records(_open_text(path).read())
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -130,6 +128,51 @@ def records(path: str, fmt: Format = "auto") -> Iterator[tuple[int, object]]:
         yield from enumerate(_hub_dataset(path[3:]), start=1)
     else:
         raise MoteError(f"unknown input format {kind!r}; one of {', '.join(FORMATS)}")
+
+
+def csv_records(text: str) -> Iterator[tuple[int, object]]:
+    """(record number, {header: value}) for each data record of a CSV text.
+
+    A `#` line is a comment only where a record starts (refusal_labels' header lines); inside a
+    quoted field (a Markdown heading in a HarmBench ContextString) it is data, so comments are
+    skipped between records, never by filtering lines before parsing. Records are numbered
+    1, 2, ... after the header, as `csv.DictReader` numbers them; a record whose field count
+    differs from the header's comes back `_Broken`, so it lands in the rejects with its reason.
+    """
+    lines = _RecordLines(io.StringIO(text, newline=""))
+    reader = csv.reader(lines)
+    header = None
+    n = 0
+    for fields in reader:
+        lines.at_record_start = True
+        if header is None:
+            header = fields
+            continue
+        if not fields:  # a blank line, which csv.DictReader skips too
+            continue
+        n += 1
+        if len(fields) != len(header):
+            yield n, _Broken(",".join(fields), f"CSV record has {len(fields)} fields, the header has {len(header)}")
+        else:
+            yield n, dict(zip(header, fields))
+
+
+class _RecordLines:
+    """Line iterator for csv.reader that drops `#` lines only at the start of a record (csv.reader
+    asks for exactly the lines of one record per row, so the flag marks record boundaries)."""
+
+    def __init__(self, f):
+        self.f, self.at_record_start = f, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        while self.at_record_start and line.startswith("#"):
+            line = next(self.f)
+        self.at_record_start = False
+        return line
 
 
 def _records_jsonl_text(text: str):

@@ -71,3 +71,65 @@ def test_ids_are_stable_content_hashes():
     from mote_ray.records import Message
 
     assert prompt_id([], "Hello  World") == prompt_id([], "hello world") != prompt_id([Message(role="user", content="x")], "hello world")
+
+
+# ------------------------------------------------ every reader against its format's reference parser
+
+def _csv_reference_rows(path):
+    """Python's csv module on the raw file; a record is a comment when its first line starts with `#`."""
+    import csv
+
+    lines = open(path, encoding="utf-8", newline="").read().splitlines(keepends=True)
+    rows, consumed = [], 0
+    reader = csv.reader(iter(lines))
+    for fields in reader:
+        first_line = lines[consumed]
+        consumed = reader.line_num
+        if first_line.startswith("#") or not fields:
+            continue
+        rows.append(fields)
+    header, data = rows[0], rows[1:]
+    return [dict(zip(header, r)) for r in data]
+
+
+def _reference(path):
+    p = str(path)
+    if p.endswith(".csv"):
+        return _csv_reference_rows(p)
+    opener = gzip.open if p.endswith(".gz") else open
+    with opener(p, "rt", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return data if isinstance(data, list) else [data]
+
+
+def test_every_reader_matches_the_reference_parser_on_every_shared_file(datasets_dir):
+    from mote_ray.inputs import records
+
+    files = sorted(p for p in datasets_dir.rglob("*") if p.is_file()
+                   and p.name.lower().removesuffix(".gz").endswith((".csv", ".json", ".jsonl")))
+    assert len(files) >= 20, files
+    for f in files:
+        ref = _reference(f)
+        got = [item for _, item in records(str(f))]
+        assert len(got) == len(ref), f"{f}: {len(got)} records, reference parser {len(ref)}"
+        for i, (a, b) in enumerate(zip(got, ref), 1):
+            assert a == b, f"{f} record {i} differs from the reference parser"
+        # Every record read becomes a prompt or a reject with a reason: nothing vanishes.
+        rows, rejects = read_prompts([str(f)])
+        assert len(rows) + len(rejects) == len(ref), f
+        assert all(r.reason for r in rejects)
+
+
+def test_csv_comment_lines_are_whole_records_only(tmp_path):
+    # A quoted multi-line field whose line starts with `#` (a Markdown heading in a HarmBench
+    # ContextString) is data; the old reader dropped that line and merged rows.
+    f = tmp_path / "hb.csv"
+    f.write_text('# version=1\nBehavior,ContextString\nq1,"intro\n# Heading\nbody"\n# a comment record\nq2,\n'
+                 'q3,"x",extra\n', encoding="utf-8")
+    rows, rejects = read_prompts([str(f)])
+    assert [(r.row, r.question) for r in rows] == [(1, "intro\n# Heading\nbody\n\nq1"), (2, "q2")]
+    assert [(r.row, r.reason) for r in rejects] == [(3, "CSV record has 3 fields, the header has 2")]

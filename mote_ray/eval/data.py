@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from mote_ray.errors import MoteError
-from mote_ray.inputs import Reject, detect_format, prompt_id, records
+from mote_ray.inputs import Reject, _Broken, _raw, detect_format, prompt_id, records
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def load_items(paths: list[str], fmt: str = "auto", column: str | None = None, l
             if item and item.id in seen:
                 reason, item = "duplicate prompt", None
             if item is None:
-                rejects.append(Reject(source=path, row=n, reason=reason, raw=json.dumps(row, default=str)[:300]))
+                rejects.append(Reject(source=path, row=n, reason=reason, raw=_raw(row)[:300]))
                 continue
             seen.add(item.id)
             items.append(item)
@@ -91,6 +91,8 @@ def load_items(paths: list[str], fmt: str = "auto", column: str | None = None, l
 
 
 def _item(row, spec: FormatSpec, column: str | None, path: str, n: int) -> tuple[str, EvalItem | None]:
+    if isinstance(row, _Broken):  # unparseable JSON line, CSV record with the wrong field count
+        return row.reason, None
     if isinstance(row, str):  # a JSON list of plain strings
         row = {"prompt": row}
     if not isinstance(row, dict):

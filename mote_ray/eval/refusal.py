@@ -10,8 +10,6 @@ scikit-learn logistic regression maps them to P(refusal); fitted weights are a s
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mote_ray.errors import MoteError
+from mote_ray.inputs import csv_records
 
 # Openings and phrases of declines, apologies and deflections (straight and curly apostrophes).
 _RULES = [
@@ -119,9 +118,10 @@ def read_labels(paths: Sequence[str | Path]) -> list[dict]:
     human_score with 1 = refusal; `#` comment lines allowed), de-duplicated on the text pair."""
     rows, seen = [], set()
     for path in paths:
-        text = "".join(line for line in Path(path).read_text(encoding="utf-8").splitlines(True)
-                       if not line.startswith("#"))
-        for r in csv.DictReader(io.StringIO(text)):
+        # `#` lines are comments only between records (a response may hold a Markdown heading).
+        for _, r in csv_records(Path(path).read_text(encoding="utf-8")):
+            if not isinstance(r, dict):
+                raise MoteError(f"{path}: {r.reason}")
             key = (" ".join(r["objective"].split()).lower(), " ".join(r["assistant_response"].split()).lower())
             if key in seen or r.get("human_score") not in ("0", "1"):
                 continue
