@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>' with the key from this env var")
+    sv.add_argument("--api-keys-file", help="accepted bearer keys, one per line (re-read when it changes: rotation)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="serve without a key on --host beyond loopback (without a key, default: loopback only)")
     sv.add_argument("--max-prompt-tokens", type=int, default=384)
-    sv.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    sv.add_argument("--timeout", type=float, default=120.0, help="per-request and per-stream timeout, seconds")
+    sv.add_argument("--max-inflight", type=int, default=64, help="concurrent requests per router replica (then 429)")
     sv.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     sv.set_defaults(func=cmd_serve)
 
@@ -200,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     als = alsub.add_parser("serve", help="an OpenAI-compatible proxy: upstream answers, aligned by the squad")
     als.add_argument("--squad", required=True)
     als.add_argument("--upstream", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    als.add_argument("--upstream-key-env", help="env var with the upstream's bearer key (default: pass the client's)")
+    als.add_argument("--upstream-key-env", help="env var with the upstream's bearer key (sent only upstream; a "
+                                                 "caller's key is never forwarded)")
+    als.add_argument("--api-key-env", help="require 'Authorization: Bearer <key>' from callers, the key from this env var")
+    als.add_argument("--insecure", action="store_true", help="serve without a key on --host beyond loopback")
     als.add_argument("--engine", default="transformers", choices=["auto", "vllm", "transformers"],
                      help="engine of every aligner (see `aligners apply --help`)")
     als.add_argument("--port", type=int, default=8100)
@@ -411,9 +418,29 @@ def cmd_serve(args) -> int:
 
     app = build({"model": args.model, "path": args.path, "engine": args.engine, "replicas": args.replicas,
                  "expert_cpus": args.expert_cpus,
-                 "api_key_env": args.api_key_env,
+                 "api_key_env": args.api_key_env, "api_keys_file": args.api_keys_file,
+                 **_bind_policy(args), "max_inflight": args.max_inflight,
                  "max_prompt_tokens": args.max_prompt_tokens, "timeout_s": args.timeout})
     return _run_app(app, args, f"serving {args.model}")
+
+
+def _bind_policy(args) -> dict:
+    """Without a key the app listens on loopback only, unless --insecure; says which at start."""
+    from mote_ray.errors import MoteError
+
+    keyed = bool(args.api_key_env or getattr(args, "api_keys_file", None))
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if keyed:
+        print("mote-ray: auth: a bearer key is required", file=sys.stderr)
+    elif args.insecure:
+        print(f"mote-ray: auth: NONE (--insecure): anyone who can reach {args.host} can use it", file=sys.stderr)
+    elif loopback:
+        print("mote-ray: auth: none, so listening on loopback only (give --api-key-env/--api-keys-file to require a "
+              "key, or --insecure to listen beyond loopback without one)", file=sys.stderr)
+    else:
+        raise MoteError(f"refusing to listen on {args.host} without an API key: give --api-key-env or --api-keys-file, "
+                        "or --insecure to do it anyway")
+    return {"insecure": bool(args.insecure), "loopback_only": loopback}
 
 
 def _run_app(app, args, what: str) -> int:
@@ -560,7 +587,8 @@ def cmd_aligners_serve(args) -> int:
     from mote_ray.aligners.proxy import build_proxy
 
     app = build_proxy({"squad": args.squad, "upstream": args.upstream, "engine": args.engine,
-                       "upstream_key_env": args.upstream_key_env, "timeout_s": args.timeout})
+                       "upstream_key_env": args.upstream_key_env, "api_key_env": args.api_key_env,
+                       **_bind_policy(args), "timeout_s": args.timeout})
     return _run_app(app, args, f"squad proxy in front of {args.upstream}")
 
 

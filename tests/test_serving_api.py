@@ -12,13 +12,13 @@ GOOD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 @pytest.mark.parametrize("body,status,needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
-    (json.dumps({**GOOD, "messages": "x"}).encode(), 422, "messages"),
-    (json.dumps({**GOOD, "messages": []}).encode(), 422, "messages"),
-    (json.dumps({**GOOD, "messages": [{"role": "robot", "content": "x"}]}).encode(), 422, "role"),
-    (json.dumps({**GOOD, "max_tokens": 0}).encode(), 422, "max_tokens"),
-    (json.dumps({**GOOD, "temperature": "hot"}).encode(), 422, "temperature"),
-    (json.dumps({**GOOD, "mote": {"mode": "sideways"}}).encode(), 422, "mote.mode"),
-    (json.dumps({**GOOD, "messages": [{"role": "assistant", "content": "x"}]}).encode(), 422, "last message"),
+    (json.dumps({**GOOD, "messages": "x"}).encode(), 400, "messages"),
+    (json.dumps({**GOOD, "messages": []}).encode(), 400, "messages"),
+    (json.dumps({**GOOD, "messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "role"),
+    (json.dumps({**GOOD, "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({**GOOD, "temperature": "hot"}).encode(), 400, "temperature"),
+    (json.dumps({**GOOD, "mote": {"mode": "sideways"}}).encode(), 400, "mote.mode"),
+    (json.dumps({**GOOD, "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, "last message"),
     (json.dumps({**GOOD, "model": "other"}).encode(), 404, "not served"),
 ])
 def test_bad_requests_get_the_right_4xx(body, status, needle):

@@ -1,7 +1,8 @@
 """A Serve deployment that puts the squad in front of any OpenAI-compatible upstream.
 
-`POST /v1/chat/completions` goes upstream unchanged (the client's bearer key is passed through, or
-the key from `--upstream-key-env`); the answer comes back aligned by the squad, with its trace in a
+`POST /v1/chat/completions` goes upstream unchanged (with the key from `--upstream-key-env`, if any:
+the caller's own key is checked here, against `--api-key-env`, and never forwarded, echoed or logged);
+the answer comes back aligned by the squad, with its trace in a
 `squad` field when the request carries `"squad": {"return_trace": true}`. Upstream failures become
 clean errors: unreachable or timed out -> 503, a 5xx -> 502 (503 stays 503), a 4xx passes through
 with its body. `stream: true` is answered as one SSE chunk (the squad needs the whole answer).
@@ -17,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from mote_ray.serving.api import MAX_BODY_BYTES, ApiError, KeyRing
+
 app = FastAPI(title="mote-ray squad proxy")
 
 
 def _error(status: int, message: str, code: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}}, status_code=status)
+    return JSONResponse(ApiError(status, message, code).body(), status_code=status)
 
 
 @serve.deployment(name="SquadProxy", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=32,
@@ -30,7 +32,7 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
 @serve.ingress(app)
 class SquadProxy:
     def __init__(self, squad_dir: str, upstream: str, engine: str = "transformers", upstream_key_env: str | None = None,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, auth: dict | None = None):
         import httpx
 
         from mote_ray.aligners.squad import Squad
@@ -40,6 +42,7 @@ class SquadProxy:
         self.upstream = base if base.endswith("/v1") else base + "/v1"
         self.key = os.environ.get(upstream_key_env) if upstream_key_env else None
         self.client = httpx.AsyncClient(timeout=timeout_s)
+        self.keys = KeyRing(**(auth or {}))
 
     @app.get("/healthz")
     def healthz(self):
@@ -49,23 +52,27 @@ class SquadProxy:
     def readyz(self):
         return {"status": "ready", "upstream": self.upstream}
 
-    def _headers(self, request: Request) -> dict:
-        auth = f"Bearer {self.key}" if self.key else request.headers.get("authorization")
-        return {"Authorization": auth} if auth else {}
+    def _headers(self) -> dict:
+        # Only our own upstream key goes upstream; the caller's Authorization header stays here.
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
-    async def _forward(self, method: str, path: str, request: Request, body: dict | None = None):
+    async def _forward(self, method: str, path: str, body: dict | None = None):
         import httpx
 
         try:
-            r = await self.client.request(method, self.upstream + path, json=body, headers=self._headers(request))
+            r = await self.client.request(method, self.upstream + path, json=body, headers=self._headers())
         except (httpx.ConnectError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
             return None, _error(503, f"upstream {self.upstream} unavailable ({type(e).__name__}); retry", "upstream_unavailable")
         if r.status_code >= 500:
             status = 503 if r.status_code == 503 else 502
             return None, _error(status, f"upstream answered {r.status_code}: {r.text[:300]}", "upstream_error")
         if r.status_code >= 400:
-            return None, JSONResponse(r.json() if r.headers.get("content-type", "").startswith("application/json")
-                                      else {"error": {"message": r.text[:300]}}, status_code=r.status_code)
+            try:
+                payload = r.json()
+                assert isinstance(payload, dict) and isinstance(payload.get("error"), dict)
+            except (ValueError, AssertionError):
+                return None, _error(r.status_code, f"upstream answered {r.status_code}: {r.text[:300]}", "upstream_error")
+            return None, JSONResponse(payload, status_code=r.status_code)
         try:
             return r.json(), None
         except ValueError:
@@ -73,26 +80,42 @@ class SquadProxy:
 
     @app.get("/v1/models")
     async def models(self, request: Request):
-        data, err = await self._forward("GET", "/models", request)
+        try:
+            self.keys.check(request.headers.get("authorization"))
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        data, err = await self._forward("GET", "/models")
         return err or data
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        from mote_ray.serving.deployments import _read_body
+
         try:
-            body = json.loads(await request.body() or b"")
+            self.keys.check(request.headers.get("authorization"))
+            raw = await _read_body(request)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        try:
+            body = json.loads(raw or b"", parse_constant=_reject_constant)
             assert isinstance(body, dict)
-        except (ValueError, AssertionError):
+        except (ValueError, RecursionError, AssertionError):
             return _error(400, "request body must be a JSON object", "invalid_json")
-        opts = body.pop("squad", None) or {}
-        stream = bool(body.get("stream"))
+        opts = body.pop("squad", None)
+        if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"return_trace"}
+                                     and isinstance(opts.get("return_trace", False), bool)):
+            return _error(400, "squad: must be an object {\"return_trace\": bool}", "invalid_request")
+        opts = opts or {}
+        stream = body.get("stream") is True
         body["stream"] = False
-        data, err = await self._forward("POST", "/chat/completions", request, body)
+        body.pop("stream_options", None)  # answered as one chunk here; upstream is asked without streaming
+        data, err = await self._forward("POST", "/chat/completions", body)
         if err:
             return err
         try:
             answer = data["choices"][0]["message"]["content"] or ""
-            prompt = next(m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user")
-        except (KeyError, IndexError, TypeError, StopIteration):
+            prompt = _text(next(m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"))
+        except (KeyError, IndexError, TypeError, StopIteration, AttributeError):
             return _error(502, "upstream response has no choices[0].message.content (or the request no user turn)",
                           "upstream_error")
         out = (await asyncio.to_thread(self.squad.align, [prompt], [answer]))[0]
@@ -103,6 +126,7 @@ class SquadProxy:
             return data
         chunk = {"id": data.get("id", "chatcmpl-squad"), "object": "chat.completion.chunk", "created": data.get("created", 0),
                  "model": data.get("model"), "choices": [{"index": 0, "delta": {"role": "assistant", "content": out["answer"]},
+                                                          "logprobs": None,
                                                           "finish_reason": data["choices"][0].get("finish_reason", "stop")}]}
 
         async def events():
@@ -120,5 +144,21 @@ def build_proxy(args: dict):
     squad = Path(args["squad"]).resolve()
     if not (squad / "squad.json").is_file():
         raise MoteError(f"{args['squad']} is not a squad directory (no squad.json)")
+    from mote_ray.serving.deployments import auth_from_args
+
+    auth = auth_from_args({k: args.get(k) for k in ("api_key_env", "insecure", "loopback_only")})
     return SquadProxy.bind(str(squad), args["upstream"], args.get("engine") or "transformers", args.get("upstream_key_env"),
-                           float(args.get("timeout_s", 120)))
+                           float(args.get("timeout_s", 120)), auth)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _text(content) -> str:
+    """A message's text: a string, or OpenAI's list of text parts."""
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str):
+        raise TypeError("content")
+    return content

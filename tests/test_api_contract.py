@@ -1,0 +1,107 @@
+"""The request contract (pure, no Ray): every OpenAI field honoured or refused with a 400 naming it,
+hostile bodies refused with 4xx, and our response shapes against the official OpenAI schemas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mote_ray.serving.api import (MAX_BODY_BYTES, ApiError, check_auth, completion, key_digest,
+                                  messages_for_template, parse_request)
+from mote_ray.serving.conformance import violations
+
+from .conftest import SHARED
+
+GOOD = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+SPEC = SHARED / "openai" / "openapi.yaml"
+
+
+def refused(extra: dict | bytes) -> ApiError:
+    raw = extra if isinstance(extra, bytes) else json.dumps({**GOOD, **extra}).encode()
+    with pytest.raises(ApiError) as e:
+        parse_request(raw, "m")
+    body = e.value.body()["error"]
+    assert body["message"] and body["type"] and body["code"]  # OpenAI's error shape
+    return e.value
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n", 2), ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("logit_bias", {"5": 10}),
+    ("functions", [{"name": "f"}]), ("audio", {"voice": "alloy", "format": "mp3"}), ("modalities", ["audio"]),
+    ("reasoning_effort", "high"), ("prediction", {"type": "content", "content": "x"}), ("store", True),
+    ("web_search_options", {}), ("parallel_tool_calls", True), ("service_tier", "flex"),
+    ("not_an_openai_field", 1),
+])
+def test_unsupported_fields_are_a_400_naming_the_field(field, value):
+    e = refused({field: value})
+    assert e.status == 400 and e.param == field and field in e.message
+
+
+@pytest.mark.parametrize("field,value", [("n", 1), ("logprobs", False), ("tools", []), ("logit_bias", {}),
+                                         ("response_format", {"type": "text"}), ("modalities", ["text"]),
+                                         ("store", False), ("service_tier", "auto"), ("user", "u-1"),
+                                         ("stream_options", {"include_usage": True})])
+def test_fields_at_their_feature_off_value_are_accepted(field, value):
+    extra = {field: value, **({"stream": True} if field == "stream_options" else {})}
+    parse_request(json.dumps({**GOOD, **extra}).encode(), "m")
+
+
+def test_text_parts_work_and_image_parts_are_refused():
+    req = parse_request(json.dumps({**GOOD, "messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]}).encode(), "m")
+    assert messages_for_template(req) == [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "one\ntwo"}]
+    e = refused({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]})
+    assert e.status == 400 and e.param == "messages.0.content" and "image_url" in e.message
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"top_p": 1.5}, "top_p"),
+    ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
+    ({"seed": 2**70}, "seed"), ({"mote": {"stage_max_tokens": {"analysis": 0}}}, "mote.stage_max_tokens"),
+    ({"mote": {"stage_max_tokens": {"analysis": 10**7}}}, "mote.stage_max_tokens"), ({"mote": {"mode": "up"}}, "mote.mode"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": "x"}] * 10_000}, "messages"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+])
+def test_out_of_bounds_values_are_a_400_naming_the_field(extra, param):
+    e = refused(extra)
+    assert e.status == 400 and e.param == param, e.message
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "m", "messages": [], "temperature": NaN}', b"\xff\xfe{}",
+                                 b"[" * 200_000, b'{"seed": ' + b"9" * 5000 + b"}", b"", b'"a string"'])
+def test_hostile_bodies_are_a_400(raw):
+    e = refused(raw)
+    assert e.status == 400 and e.code == "invalid_json"
+
+
+def test_oversized_body_is_a_413():
+    assert refused(b" " * (MAX_BODY_BYTES + 1)).status == 413
+
+
+def test_keys_are_compared_against_every_digest_and_never_echoed():
+    digests = [key_digest("k1"), key_digest("k2")]
+    check_auth("Bearer k2", digests)
+    with pytest.raises(ApiError) as e:
+        check_auth("Bearer k3", digests)
+    assert e.value.status == 401 and "k3" not in json.dumps(e.value.body())
+
+
+def test_completion_conforms_to_the_official_response_schema():
+    if not SPEC.is_file():
+        pytest.skip(f"needs {SPEC}")
+    req = parse_request(json.dumps({**GOOD, "mote": {"return_stages": True}}).encode(), "m")
+    res = {"answer": "ok", "stages": {"analysis": "a", "answer": "ok"}, "stage_tokens": {"analysis": 1, "answer": 1},
+           "finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 6, "token_ids": [1] * 6, "seconds": 0.1}
+    body = completion(req, res)
+    assert violations(str(SPEC), "CreateChatCompletionResponse", body) == []
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    del body["choices"][0]["logprobs"]  # the validator is not vacuous: what the old responses lacked
+    assert violations(str(SPEC), "CreateChatCompletionResponse", body)
