@@ -82,3 +82,20 @@ def test_unloadable_model_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-arch", "architectures": ["NoSuchLM"]}')
     with pytest.raises(MoteError):
         create_engine(EngineConfig(model=str(tmp_path), engine="transformers"))
+
+
+def test_a_seeded_request_samples_the_same_whatever_its_batch_neighbours(hf):
+    def seeded(i, prompt, seed):
+        return GenerationRequest(id=str(i), prompt=prompt, sampling=SamplingParams(max_tokens=16, temperature=1.0,
+                                                                                   seed=seed))
+
+    target = seeded(0, PROMPTS[0], 7)
+    alone = hf.generate([target])[0].token_ids
+    # Neighbours that sort before it (shorter prompts), after it, and share its batch.
+    for neighbours in ([seeded(1, "A", 1), seeded(2, "The", 2)], [seeded(1, PROMPTS[2], 3)],
+                       [seeded(i, p, 100 + i) for i, p in enumerate(PROMPTS * 3, 1)]):
+        batch = hf.generate([*neighbours, target])
+        assert batch[-1].token_ids == alone
+    # Different seeds do differ (the seed is used, not ignored).
+    others = {tuple(hf.generate([seeded(0, PROMPTS[0], s)])[0].token_ids) for s in range(4)}
+    assert len(others) > 1
