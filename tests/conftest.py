@@ -12,6 +12,27 @@ MODELS = SHARED / "models"
 DATASETS = SHARED / "datasets"
 
 
+def pytest_configure(config):
+    # Without ../shared nearly every test skips, and a run that tests nothing must not pass in CI.
+    if os.environ.get("CI", "").lower() in ("true", "1") and not (MODELS.is_dir() and DATASETS.is_dir()):
+        raise pytest.UsageError(f"CI=true but the shared models and datasets are missing at {SHARED} (models/ and "
+                                f"datasets/); put shared/ beside the repository or set MOTE_SHARED to its path")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where torch sees CUDA and are skipped (listed by -ra) elsewhere."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: torch sees no CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (set MOTE_SHARED to the folder holding models/ and datasets/)")

@@ -99,3 +99,23 @@ def test_a_seeded_request_samples_the_same_whatever_its_batch_neighbours(hf):
     # Different seeds do differ (the seed is used, not ignored).
     others = {tuple(hf.generate([seeded(0, PROMPTS[0], s)])[0].token_ids) for s in range(4)}
     assert len(others) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_seeds_each_request_on_gpu(tiny_model_hd32):
+    """On CUDA, vLLM seeds every request (on CPU the engine-wide seed applies; see vllm_engine.py)."""
+    pytest.importorskip("vllm")
+    engine = create_engine(EngineConfig(model=tiny_model_hd32, engine="vllm", device="cuda",
+                                        gpu_memory_utilization=0.3))
+    try:
+        def seeded(i, prompt, seed):
+            return GenerationRequest(id=str(i), prompt=prompt,
+                                     sampling=SamplingParams(max_tokens=16, temperature=1.0, seed=seed))
+
+        alone = engine.generate([seeded(0, PROMPTS[0], 7)])[0].token_ids
+        crowded = engine.generate([seeded(1, PROMPTS[1], 1), seeded(0, PROMPTS[0], 7), seeded(2, PROMPTS[2], 2)])
+        assert crowded[1].token_ids == alone
+        assert len({tuple(engine.generate([seeded(0, PROMPTS[0], s)])[0].token_ids) for s in range(4)}) > 1
+    finally:
+        engine.close()
