@@ -33,7 +33,7 @@ class PipelineConfig(BaseModel):
     benign: list[str] = Field(default_factory=lambda: [str(BENIGN)])
     held_out: float = Field(0.3, gt=0, lt=1)  # share of each prompt set kept for evaluation
     generate: dict = Field(default_factory=dict)  # GenerateConfig fields
-    train: dict = Field(default_factory=lambda: {"max_steps": 30, "batch_size": 8, "lr": 5e-3})  # TrainConfig fields
+    train: dict = Field(default_factory=lambda: {"max_steps": 30, "batch_size": 8, "lr": 5e-3, "workers": 2})  # TrainConfig fields
     modes: list[str] = Field(default_factory=lambda: ["adaptive", "direct"])  # MoTE inference modes to evaluate
     # One-LoRA baselines trained on the same chains and evaluated beside MoTE (the paper's SFT: answers only).
     baselines: list[Literal["sft", "lora-chain"]] = Field(default_factory=lambda: ["sft"])

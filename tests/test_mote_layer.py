@@ -6,7 +6,7 @@ from torch import nn
 
 from mote_ray.mote.layer import MoTELinear, RoutingState
 from mote_ray.mote.model import MoTEConfig, build_mote_model
-from mote_ray.mote.routing import EXPERTS, NO_STAGE, expert_index, skip_mask, stage_ids, stage_token_ids
+from mote_ray.mote.routing import EXPERTS, NO_STAGE, expert_index, skip_mask, skip_plan, stage_ids, stage_token_ids
 
 from .conftest import requires_vllm
 
@@ -73,6 +73,51 @@ def test_skip_mask_hides_exactly_the_intended_spans():
     some = skip_mask(stages.repeat(64, 1), att.repeat(64, 1), 0.5, g)
     frac = (~some[:, 0, 7, 2]).float().mean()  # answer -> analysis hidden about half the time
     assert 0.25 < frac < 0.75
+
+
+def test_a_skipped_stage_is_hidden_from_every_later_span_of_the_sample():
+    # The old mask hid each (later, earlier) pair independently: the answer could lose the analysis
+    # while the guidance still saw it, a chain that never occurs. A skip drops the stage for all.
+    stages = torch.tensor([[-1, -1, 0, 0, 1, 1, 2, 2]]).repeat(256, 1)
+    att = torch.ones_like(stages)
+    mask = skip_plan(stages, att, 0.5, torch.Generator().manual_seed(0))[0][:, 0]
+    guidance_sees_analysis = mask[:, 4, 2]
+    answer_sees_analysis = mask[:, 6, 2]
+    assert torch.equal(guidance_sees_analysis, answer_sees_analysis)
+    assert 0 < (~answer_sees_analysis).sum() < 256  # both outcomes occur
+    # The answer is never the skipped one, and a span always sees itself and the question.
+    assert mask[:, 7, 6].all() and mask[:, 6:8, 0:2].all()
+
+
+def test_masked_full_chain_computes_the_really_shortened_chain(tiny_model):
+    model, tok = build_mote_model(tiny_model, MoTEConfig(r=4), seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() > 1:
+                p.add_(torch.randn_like(p) * 0.05)  # experts non-trivial (B starts at 0)
+    ids = stage_token_ids(tok)
+    q = tok("How do I bake bread?")["input_ids"]
+    a = [ids["analysis"][0]] + tok("It is safe.", add_special_tokens=False)["input_ids"] + [ids["analysis"][1]]
+    g = [ids["guidance"][0]] + tok("Explain the steps.", add_special_tokens=False)["input_ids"] + [ids["guidance"][1]]
+    r = [ids["answer"][0]] + tok("Mix flour and water.", add_special_tokens=False)["input_ids"] + [ids["answer"][1]]
+
+    def run(seq, drop=None):
+        st = torch.tensor([stage_ids(seq, ids)])
+        mask, pos = skip_plan(st, torch.ones_like(st), 0.0, drop=drop)
+        with torch.no_grad():
+            return model(torch.tensor([seq]), expert_index(st, "answer"), attention_mask=mask, position_ids=pos).logits[0]
+
+    full = run(q + a + g + r, drop=torch.tensor([[True, False, False]]))  # skip the analysis
+    short = run(q + g + r)  # the chain written without it
+    n = len(q) + len(a)
+    torch.testing.assert_close(full[n:], short[len(q):], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full[:len(q)], short[:len(q)], rtol=1e-4, atol=1e-4)
+    # With the gap left open (positions unchanged) the later spans would differ: the test can fail.
+    st = torch.tensor([stage_ids(q + a + g + r, ids)])
+    mask, _ = skip_plan(st, torch.ones_like(st), 0.0, drop=torch.tensor([[True, False, False]]))
+    with torch.no_grad():
+        gap = model(torch.tensor([q + a + g + r]), expert_index(st, "answer"), attention_mask=mask).logits[0]
+    assert not torch.allclose(gap[n:], short[len(q):], atol=1e-3)
 
 
 def test_save_load_gives_identical_logits(tiny_model, tmp_path):

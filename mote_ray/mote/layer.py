@@ -26,7 +26,9 @@ class MoTELinear(nn.Module):
         self.scaling = lora_alpha / r
         self.routing = routing  # shared, set once per forward by MoTEModel
         n = n_experts + 1  # + shared (last block)
-        dev, dtype = base.weight.device, base.weight.dtype
+        # Experts are fp32 master weights whatever the base's (compute) dtype; FSDP2's mixed-precision
+        # policy casts them for compute, and the forward casts when there is no FSDP.
+        dev, dtype = base.weight.device, torch.float32
         # (E+1, r, d_in) and (d_out, E+1, r): viewed as one stacked A and one B without copies.
         self.lora_A = nn.Parameter(torch.empty(n, r, base.in_features, device=dev, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, n, r, device=dev, dtype=dtype))

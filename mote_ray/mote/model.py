@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import zlib
 from typing import Literal
 
 import torch
@@ -30,14 +32,18 @@ class MoTEConfig(BaseModel):
     inference_prompt_expert: Literal["analysis", "guidance", "answer"] = "answer"
 
 
-def add_stage_tokens(lm, tokenizer) -> int:
-    """Add the six stage tokens (if missing) and resize embeddings; returns the first new id."""
+def add_stage_tokens(lm, tokenizer, mean_resizing: bool = False) -> int:
+    """Add the six stage tokens (if missing) and resize embeddings; returns the first new id.
+
+    The resized rows of the frozen matrices are never read (the stage-token rows live in
+    `new_rows`, initialised by `init_trainable`), so the meta-device build skips mean resizing.
+    """
     first_new = len(tokenizer)
     missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if lm.get_input_embeddings().num_embeddings < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
     return min(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) + [first_new])
 
 
@@ -48,12 +54,14 @@ class NewRowsEmbedding(nn.Module):
         super().__init__()
         self.emb, self.first_new = emb, first_new
         emb.weight.requires_grad_(False)
-        self.new_rows = nn.Parameter(emb.weight[first_new:].detach().clone())
+        # fp32 master rows whatever the base dtype (set by init_trainable)
+        self.new_rows = nn.Parameter(emb.weight[first_new:].detach().clone().float())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_new = (ids >= self.first_new)[..., None]
-        new = nn.functional.embedding((ids - self.first_new).clamp(min=0), self.new_rows)
-        return torch.where(is_new, new, self.emb(ids))
+        base = self.emb(ids)
+        new = nn.functional.embedding((ids - self.first_new).clamp(min=0), self.new_rows).to(base.dtype)
+        return torch.where(is_new, new, base)
 
 
 class NewRowsHead(nn.Module):
@@ -63,7 +71,8 @@ class NewRowsHead(nn.Module):
         super().__init__()
         self.head, self.first_new = head, first_new
         head.weight.requires_grad_(False)
-        self.new_rows = tied.new_rows if tied is not None else nn.Parameter(head.weight[first_new:].detach().clone())
+        self.new_rows = (tied.new_rows if tied is not None
+                         else nn.Parameter(head.weight[first_new:].detach().clone().float()))
 
     @property
     def weight(self):  # transformers reads lm_head.weight in a few places
@@ -71,7 +80,8 @@ class NewRowsHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.head(h)
-        return torch.cat([logits[..., :self.first_new], nn.functional.linear(h, self.new_rows)], dim=-1)
+        new = nn.functional.linear(h, self.new_rows.to(h.dtype)).to(logits.dtype)
+        return torch.cat([logits[..., :self.first_new], new], dim=-1)
 
 
 class MoTEModel(nn.Module):
@@ -85,7 +95,7 @@ class MoTEModel(nn.Module):
         emb = NewRowsEmbedding(lm.get_input_embeddings(), first_new)
         lm.set_input_embeddings(emb)
         tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-        lm.lm_head = NewRowsHead(lm.lm_head, first_new, emb if tied else None)
+        lm.set_output_embeddings(NewRowsHead(lm.get_output_embeddings(), first_new, emb if tied else None))
 
     def _wrap_linears(self) -> list[str]:
         c, names = self.config, []
@@ -114,13 +124,55 @@ class MoTEModel(nn.Module):
         return {k: v.detach().cpu() for k, v in self.named_parameters() if v.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict: every trainable tensor present, nothing else, shapes equal."""
         params = dict(self.named_parameters())
-        missing = [k for k, v in params.items() if v.requires_grad and k not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:2]}")
+        trainable = {k for k, v in params.items() if v.requires_grad}
+        missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
+        if missing or unexpected:
+            raise ValueError(f"MoTE state mismatch: missing {missing[:2]} ({len(missing)}), "
+                             f"unexpected {unexpected[:2]} ({len(unexpected)})")
         with torch.no_grad():
             for k, v in state.items():
+                if params[k].shape != v.shape:
+                    raise ValueError(f"MoTE state: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
                 params[k].copy_(v)
+
+    def trainable_init(self, seed: int, row_means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full initial value of every trainable tensor, the same on every rank and build path.
+
+        LoRA A: PEFT's kaiming-uniform (U(±1/sqrt(d_in))) from a generator seeded per layer; B: 0.
+        Stage-token rows: the mean of the base's existing rows (`row_means`, "emb" and "head"),
+        which is what transformers' mean resizing gives up to its 1e-9-scaled noise.
+        """
+        out = {}
+        head_rows = self.lm.get_output_embeddings().new_rows if "head" in row_means else None
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.endswith("lora_A"):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                bound = 1.0 / math.sqrt(p.shape[-1])
+                out[name] = (torch.rand(tuple(p.shape), generator=g) * 2 - 1) * bound
+            elif name.endswith("lora_B"):
+                out[name] = torch.zeros(tuple(p.shape))
+            elif name.endswith("new_rows"):
+                key = "head" if head_rows is not None and p is head_rows else "emb"
+                out[name] = row_means[key].float()[None].expand(tuple(p.shape)).clone()
+            else:
+                raise ValueError(f"no initialiser for trainable tensor {name}")
+        return out
+
+    def base_param_name(self, name: str) -> str:
+        """The name a parameter has in the base checkpoint (wrapper levels removed)."""
+        parts, node, out = name.split("."), self, []
+        for part in parts:
+            child = getattr(node, part)
+            if not (isinstance(node, MoTELinear) and part == "base") and \
+                    not (isinstance(node, NewRowsEmbedding) and part == "emb") and \
+                    not (isinstance(node, NewRowsHead) and part == "head") and node is not self:
+                out.append(part)
+            node = child
+        return ".".join(out)
 
 
 def build_mote_model(model_path: str, config: MoTEConfig, *, dtype=torch.float32, device: str = "cpu",
@@ -142,4 +194,12 @@ def build_mote_model(model_path: str, config: MoTEConfig, *, dtype=torch.float32
         torch.manual_seed(seed)
         first_new = add_stage_tokens(lm, tok)
         model = MoTEModel(lm, config, first_new)
+    means = {"emb": model.lm.get_input_embeddings().emb.weight[:first_new].float().mean(0)}
+    head = model.lm.get_output_embeddings()
+    if head.new_rows is not model.lm.get_input_embeddings().new_rows:
+        means["head"] = head.head.weight[:first_new].float().mean(0)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in model.trainable_init(seed, means).items():
+            params[name].copy_(value)
     return model, tok

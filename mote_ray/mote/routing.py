@@ -54,20 +54,44 @@ def expert_index(stages: torch.Tensor, prompt_expert: str = "random",
     return torch.where(stages == NO_STAGE, fill.expand_as(stages), stages)
 
 
-def skip_mask(stages: torch.Tensor, attention_mask: torch.Tensor, p_skip: float,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """(batch, 1, seq, seq) boolean attention mask, True = may attend (what sdpa takes).
+def skip_plan(stages: torch.Tensor, attention_mask: torch.Tensor, p_skip: float,
+              generator: torch.Generator | None = None,
+              drop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step skipping: (batch, 1, seq, seq) boolean attention mask (True = may attend, what sdpa takes)
+    and (batch, seq) position ids.
 
-    Causal and padding-aware; per sample, each (later span, earlier span) pair is hidden with
-    probability `p_skip`, so one full chain also trains the shortened chains (step skipping).
+    Per sample, each stage followed by a later stage is dropped with probability `p_skip` (or as
+    given by `drop`, (batch, n_stages) bool). A dropped stage is hidden from *every* later span of
+    that sample, so the later spans see exactly the chain written without it; the dropped span
+    itself still trains (it sees the question as usual).
+    Position ids close the gap: a token after a dropped span takes the position it has in the
+    shortened chain (its position minus the hidden tokens before it). Rotary attention depends on
+    relative positions, so this makes the masked full chain compute what the shortened chain
+    computes, not a chain with a hole in it (tests/test_mote_layer.py checks the equivalence).
     """
     b, t = stages.shape
     causal = torch.ones(t, t, dtype=torch.bool, device=stages.device).tril()
     mask = causal[None] & attention_mask.bool()[:, None, :]
-    if p_skip > 0:
-        n = len(EXPERTS)
-        onehot = torch.nn.functional.one_hot((stages + 1).clamp(min=0), n + 1)[..., 1:].float()  # (b, t, n)
-        drop = (torch.rand(b, n, n, generator=generator) < p_skip).tril(-1).float().to(stages.device)  # [later, earlier]
-        hidden = torch.bmm(torch.bmm(onehot, drop), onehot.transpose(1, 2)) > 0  # (b, t, t)
-        mask = mask & ~hidden
-    return mask[:, None]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    n = len(EXPERTS)
+    if drop is None and p_skip <= 0:
+        return mask[:, None], positions
+    in_span = stages != NO_STAGE
+    onehot = torch.nn.functional.one_hot(stages.clamp(min=0), n).bool() & in_span[..., None]  # (b, t, n)
+    present = onehot.any(dim=1)  # (b, n)
+    has_later = present.flip(-1).cumsum(-1).flip(-1) > present.long()  # a later stage follows
+    if drop is None:
+        drop = torch.rand(b, n, generator=generator).to(stages.device) < p_skip
+    drop = drop.to(stages.device).bool() & present & has_later
+    key_dropped = drop.gather(1, stages.clamp(min=0)) & in_span  # (b, t): key lies in a dropped span
+    later = stages[:, :, None] > stages[:, None, :]  # query's stage after key's (NO_STAGE is never after)
+    hidden = later & key_dropped[:, None, :] & in_span[:, :, None]
+    mask = mask & ~hidden
+    positions = positions - hidden.sum(-1)
+    return mask[:, None], positions
+
+
+def skip_mask(stages: torch.Tensor, attention_mask: torch.Tensor, p_skip: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The attention mask of `skip_plan` alone (position ids left as they are)."""
+    return skip_plan(stages, attention_mask, p_skip, generator)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Literal
 
@@ -57,3 +58,39 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(e["input_ids"])
         ids[i, :n], stages[i, :n], att[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["stages"]), 1
     return {"input_ids": ids, "stages": stages, "attention_mask": att}
+
+
+def drop_reason(row: dict, include_flagged: bool) -> str | None:
+    """Why a chain is not trained on (None: it is). Flagged chains (the model's own safety check
+    called the answer unsafe, or could not parse its verdict) stay on disk but out of training by
+    default: the method learns from chains that passed the model's own check."""
+    if row.get("error") is not None:
+        return "error"
+    if row.get("answer") is None:
+        return "no_answer"
+    if not row.get("kept", True):
+        return "not_kept"
+    if row.get("flagged") and not include_flagged:
+        return "flagged"
+    return None
+
+
+def split_by_prompt(rows: list[dict], val_share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val): every chain of one prompt (history + question) on the same side, chosen by a
+    seeded hash, so validation measures prompts never trained on. At least one prompt is held out
+    when val_share > 0 and there are two or more prompts."""
+    import hashlib
+
+    def key(r):
+        text = json.dumps([r.get("history") or [], r["question"]], sort_keys=True, default=str)
+        return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:12], 16) / 16 ** 12
+
+    if val_share <= 0:
+        return rows, []
+    keys = {id(r): key(r) for r in rows}
+    distinct = sorted(set(keys.values()))
+    if len(distinct) < 2:
+        return rows, []
+    cut = max(val_share, distinct[0] + 1e-12) if distinct[0] >= val_share else val_share
+    val = [r for r in rows if keys[id(r)] < cut]
+    return [r for r in rows if keys[id(r)] >= cut], val

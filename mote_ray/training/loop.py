@@ -1,122 +1,230 @@
-"""The Ray Train loop: FSDP2 on every worker (nccl on GPU, gloo on CPU), checkpoints, metrics."""
+"""The Ray Train loop: FSDP2 from the first byte on every worker (nccl on GPU, gloo on CPU),
+the recipe (schedule, clipping, accumulation, validation), sharded checkpoints, tracking.
+
+Checkpoints (`checkpoint_*/` under the run): torch.distributed.checkpoint (DCP) of the trainable
+model and optimizer state, each rank writing its own shard (`__<rank>_0.distcp`), no gather on
+rank 0; `trainer_state.json` (step, history, scheduler, data position, tracking run id) from rank
+0 and `rng_<rank>.json` per rank. Ray Train merges the ranks' directories into one checkpoint in
+`storage_path` (local, NFS or cloud). Loading is DCP's (tensors only, `weights_only` for any
+serialized item), strict: a missing key is an error.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-CKPT_FILE = "trainable.pt"
+STATE_FILE = "trainer_state.json"
 
 
-def shard_model(model, world_size: int, device: str):
-    """FSDP2: shard each decoder layer, then the root. Raises if nothing was sharded."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+def rss_mb() -> float:
+    import psutil
 
-    mesh = init_device_mesh(device, (world_size,))
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    if not layers:
-        raise RuntimeError("shard_model: no *DecoderLayer modules found to shard")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    from mote_ray.training.sharding import DTYPES
+
+    return DTYPES["bf16" if device == "cuda" else "fp32"] if name == "auto" else DTYPES[name]
+
+
+def save_checkpoint(d: Path, model, opt, rank: int, state: dict | None) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=True)
+    dcp.save({"model": get_model_state_dict(model, options=opts), "optim": get_optimizer_state_dict(model, opt, options=opts)},
+             checkpoint_id=str(d))
+    rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+    (d / f"rng_{rank}.json").write_text(json.dumps({"torch": rng}))
+    if state is not None:
+        (d / STATE_FILE).write_text(json.dumps(state))
+
+
+def load_checkpoint(d: Path, model, opt, rank: int) -> dict:
+    import numpy as np
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    opts = StateDictOptions(ignore_frozen_params=True)
+    state = {"model": get_model_state_dict(model, options=opts), "optim": get_optimizer_state_dict(model, opt, options=opts)}
+    dcp.load(state, checkpoint_id=str(d))  # strict: raises if the checkpoint lacks a key
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=True))
+    set_optimizer_state_dict(model, opt, state["optim"], options=opts)
+    rng = d / f"rng_{rank}.json"
+    if rng.is_file():
+        raw = base64.b64decode(json.loads(rng.read_text())["torch"])
+        torch.set_rng_state(torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()))
+    return json.loads((d / STATE_FILE).read_text())
+
+
+def load_rows(cfg: dict) -> list[dict]:
+    """Every worker reads all chains (not a Ray Data split, whose block assignment varies run to
+    run) ordered by id, then takes its own slice: a seeded run trains on the same rows in the same
+    order every time, and ranks get equal shares."""
+    import ray.train
+
+    rows = [r for b in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=1024)
+            for r in b.to_pylist()]
+    return sorted(rows, key=lambda r: str(r["id"]))
 
 
 def train_loop(cfg: dict) -> None:
-    """Runs on every Ray Train worker; `cfg` is TrainConfig.model_dump() plus `model_path`."""
+    """Runs on every Ray Train worker; `cfg` is TrainConfig.model_dump() plus `model_path`, `run_name`."""
     import ray.train
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
     from tqdm import tqdm
 
     from mote_ray.mote.model import MoTEConfig, build_mote_model
-    from mote_ray.mote.routing import EXPERTS, expert_index, skip_mask, stage_token_ids
-    from mote_ray.training.data import batches, collate, example
-    from mote_ray.training.losses import stage_nll
+    from mote_ray.mote.routing import EXPERTS, stage_token_ids
+    from mote_ray.training.data import batches, drop_reason, example, split_by_prompt
+    from mote_ray.training.recipe import accumulate, clip, make_scheduler, val_metrics, validate
+    from mote_ray.training.sharding import build_sharded_mote_model
+    from mote_ray.training.tracking import Tracker
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(ctx.get_local_rank())
+    baseline_rss = rss_mb()  # before the model exists: the benchmark's zero
     dist_on = dist.is_available() and dist.is_initialized()
     mote_cfg = MoTEConfig(**cfg["mote"])
-    model, tok = build_mote_model(cfg["model_path"], mote_cfg, device=device, seed=cfg["seed"])
-    if dist_on and world > 1:
-        shard_model(model, world, device)
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if dist_on:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device, (world,))
+        model, tok = build_sharded_mote_model(cfg["model_path"], mote_cfg, mesh, dtype=dtype, device=device,
+                                              seed=cfg["seed"], activation_checkpointing=cfg["activation_checkpointing"],
+                                              cpu_offload=cfg["cpu_offload"] and device == "cuda")
+    else:  # not launched by Ray Train's torch backend: one unsharded process
+        model, tok = build_mote_model(cfg["model_path"], mote_cfg, dtype=dtype, device=device, seed=cfg["seed"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
-    step, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume: every rank loads the full trainable state; FSDP re-shards it
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CKPT_FILE, weights_only=False)
-        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(model, opt, state["optim"], options=StateDictOptions(full_state_dict=True))
-        step, history = state["step"], state["history"]
-
-    # Every rank must run the same number of steps (FSDP collectives): agree on the smallest shard.
+    # Data: the same filtered, prompt-split, id-ordered rows on every rank; rank r takes r::world.
     token_ids = stage_token_ids(tok)
-    rows = [r for b in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=256)
-            for r in b.to_pylist()]
-    examples = [e for r in rows if (e := example(r, tok, token_ids, cfg["method"], cfg["max_len"])) is not None]
-    n_batches = torch.tensor(len(examples) // cfg["batch_size"] or min(len(examples), 1))
-    if dist_on:
-        dist.all_reduce(n_batches, op=dist.ReduceOp.MIN)
-    per_epoch = int(n_batches)
+    dropped = {"error": 0, "no_answer": 0, "not_kept": 0, "flagged": 0}
+    usable = []
+    for r in load_rows(cfg):
+        reason = drop_reason(r, cfg["include_flagged"])
+        if reason:
+            dropped[reason] += 1
+        else:
+            usable.append(r)
+    train_rows, val_rows = split_by_prompt(usable, cfg["val_share"], cfg["seed"])
+
+    def encode(rows):
+        out = [example(r, tok, token_ids, cfg["method"], cfg["max_len"]) for r in rows]
+        return [e for e in out if e is not None], sum(e is None for e in out)
+
+    examples, long_train = encode(train_rows[rank::world])
+    val_examples, long_val = encode(val_rows[rank::world])
+    micro_per_step = cfg["grad_accum"]
+    counts = torch.tensor([len(examples) // cfg["batch_size"] or min(len(examples), 1),
+                           -(-len(val_examples) // cfg["batch_size"]), long_train + long_val], dtype=torch.long)
+    if dist_on:  # every rank runs the same number of steps and forwards (FSDP collectives)
+        lo = counts[:1].clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        hi = counts[1:2].clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        n_long = counts[2:].clone()
+        dist.all_reduce(n_long)
+        counts = torch.cat([lo, hi, n_long])
+    dropped[f"over_max_len_{cfg['max_len']}"] = int(counts[2])
+    per_epoch = int(counts[0]) // micro_per_step or int(counts[0] > 0)
+    n_val_batches = int(counts[1])
     if per_epoch == 0:
-        raise ValueError(f"rank {rank} has no training examples that fit max_len={cfg['max_len']} "
-                         f"({len(rows)} rows in its shard)")
+        raise ValueError(f"rank {rank} has no training examples (max_len={cfg['max_len']}, dropped: {dropped}; "
+                         f"{len(train_rows)} training chains for {world} workers)")
     total = cfg["max_steps"] or cfg["epochs"] * per_epoch
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+    sched = make_scheduler(opt, cfg["schedule"], total, cfg["warmup_ratio"])
+    if rank == 0:
+        print(f"[train] {len(usable)} usable chains ({len(train_rows)} train / {len(val_rows)} val, split by prompt); "
+              f"not trained on: {dropped}", flush=True)
+
+    step, history, val_history, run_id = 0, [], [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume: model, optimizer, scheduler, RNG, data position (= step), history, tracking run
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d), model, opt, rank)
+        sched.load_state_dict(state["scheduler"])
+        step, history, val_history, run_id = state["step"], state["history"], state["val_history"], state["run_id"]
+    tracker = Tracker(cfg["tracking"], rank == 0, cfg["run_name"], run_id,
+                      params={k: cfg[k] for k in ("method", "lr", "batch_size", "grad_accum", "workers", "dtype",
+                                                  "schedule", "warmup_ratio", "max_grad_norm", "max_len")})
+    sync = (lambda last: model.set_requires_gradient_sync(last)) if hasattr(model, "set_requires_gradient_sync") else None
+    filler = examples[:cfg["batch_size"]]
+    epoch_batches: dict[int, list] = {}
+    gen = torch.Generator()
     bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0)
     model.train()
     while step < total:
         epoch, i = divmod(step, per_epoch)
-        batch = collate(batches(examples, cfg["batch_size"], seed=cfg["seed"] + epoch)[i], tok.pad_token_id)
+        if epoch not in epoch_batches:  # built once per epoch, the same after a resume
+            epoch_batches = {epoch: batches(examples, cfg["batch_size"], seed=cfg["seed"] + epoch)}
+        eb = epoch_batches[epoch]
+        micro = [eb[(i * micro_per_step + k) % len(eb)] for k in range(micro_per_step)]
         gen.manual_seed(cfg["seed"] * 100_003 + step * 101 + rank)  # reproducible after a resume
+        lr = sched.get_last_lr()[0]
         t0 = time.perf_counter()
-        ids, stages = batch["input_ids"].to(device), batch["stages"].to(device)
-        experts = expert_index(stages, mote_cfg.prompt_expert, gen).to(device)
-        mask = skip_mask(stages, batch["attention_mask"], mote_cfg.p_skip if cfg["method"] != "sft" else 0.0, gen).to(device)
-        logits = model(ids, experts, attention_mask=mask).logits
-        loss, per_stage = stage_nll(logits, ids, stages)
-        loss.backward()
+        acc = accumulate(model, micro, tok.pad_token_id, mote_cfg, mote_cfg.p_skip if cfg["method"] != "sft" else 0.0,
+                         gen, device, sync)
+        grad_norm = clip(params, cfg["max_grad_norm"])
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
-        stats = torch.tensor([loss.item(), float(batch["attention_mask"].sum()), time.perf_counter() - t0]
-                             + [float(v) for s, c in per_stage.values() for v in (s, c)])
+        stats = torch.tensor([acc["loss_sum"], acc["count"], acc["tokens"], time.perf_counter() - t0]
+                             + [float(v) for s in EXPERTS for v in acc[s]], dtype=torch.float64)
         if dist_on:
             dist.all_reduce(stats)
         step += 1
-        metrics = {"step": step, "epoch": epoch, "loss": float(stats[0]) / world,
-                   "tokens_per_s": float(stats[1]) / (float(stats[2]) / world)}
+        metrics = {"step": step, "epoch": epoch, "loss": float(stats[0]) / max(float(stats[1]), 1.0), "lr": lr,
+                   "grad_norm": grad_norm, "tokens_per_s": float(stats[2]) / (float(stats[3]) / world),
+                   "peak_rss_mb": peak_rss_mb(), "rss_above_baseline_mb": peak_rss_mb() - baseline_rss}
+        if device == "cuda":
+            metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         for k, name in enumerate(EXPERTS):
-            s, c = float(stats[3 + 2 * k]), float(stats[4 + 2 * k])
+            s, c = float(stats[4 + 2 * k]), float(stats[5 + 2 * k])
             if c:
                 metrics[f"loss_{name}"] = s / c
+        if n_val_batches and (step % cfg["eval_every"] == 0 or step == total):
+            vstats = validate(model, val_examples, n_val_batches, cfg["batch_size"], tok.pad_token_id, mote_cfg,
+                              device, filler)
+            if dist_on:
+                dist.all_reduce(vstats)
+            metrics.update(val_metrics(vstats))
+            val_history.append({"step": step, **val_metrics(vstats)})
         history.append(metrics)
+        tracker.log(metrics, step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if step % cfg["checkpoint_every"] == 0 or step == total:
-            model_state = get_model_state_dict(model, options=full)
-            optim_state = get_optimizer_state_dict(model, opt, options=full)
+            state = {"step": step, "history": history, "val_history": val_history, "scheduler": sched.state_dict(),
+                     "run_id": tracker.run_id, "dropped": dropped, "workers": world, "dtype": str(dtype),
+                     "sharding": "FSDP2 fully_shard per decoder layer + root; meta-device init, per-rank sharded load"
+                                 if dist_on else "none",
+                     "split": {"train": len(train_rows), "val": len(val_rows)}}
             with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    torch.save({"model": model_state, "optim": optim_state, "step": step, "history": history},
-                               Path(d) / CKPT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                save_checkpoint(Path(d), model, opt, rank, state if rank == 0 else None)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         elif step % cfg["log_every"] == 0:
             ray.train.report(metrics)
         if os.environ.get("MOTE_TRAIN_STEP_SLEEP"):  # lets fault-tolerance tests kill a worker mid-run
             time.sleep(float(os.environ["MOTE_TRAIN_STEP_SLEEP"]))
     bar.close()
+    tracker.finish()

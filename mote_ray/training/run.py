@@ -1,6 +1,8 @@
 """`mote-ray train`: chains Parquet -> Ray Train (TorchTrainer, FSDP2) -> PEFT adapters per stage.
 
-OUT/checkpoint/   Ray Train run (resumable: rerun with the same OUT, or let FailureConfig restart)
+OUT/checkpoint/   Ray Train run (resumable: rerun with the same OUT, or let FailureConfig restart);
+                  sharded DCP checkpoints, see training/loop.py
+OUT/mlruns/       MLflow file store (tracking.mlflow: default), `mlflow ui --backend-store-uri OUT/mlruns`
 OUT/base/         base model with the stage tokens (resized embeddings, trained rows) + tokenizer
 OUT/tokenizer/    the tokenizer with the stage tokens
 OUT/adapters/     {analysis,guidance,answer}/ (mote) or default/ (baselines): PEFT LoRA directories
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mote_ray.errors import MoteError
 from mote_ray.mote.model import MoTEConfig
+from mote_ray.training.tracking import TrackingConfig
 
 Method = Literal["mote", "sft", "lora-chain"]
 
@@ -36,24 +39,34 @@ class TrainConfig(BaseModel):
     epochs: int = Field(3, ge=1)  # paper: 3
     max_steps: int | None = Field(None, ge=1)
     max_len: int = Field(512, ge=16)
+    # Precision: auto = bf16 on GPU (FSDP2 MixedPrecisionPolicy, fp32 reductions), fp32 on CPU where
+    # bf16 matmuls are slower on most hosts (benchmarks/results/training.json); bf16 on CPU allowed.
+    # The frozen base is stored in this dtype; experts and stage-token rows stay fp32 master weights.
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False  # per decoder layer: less activation memory, ~1/3 more compute
+    cpu_offload: bool = False  # GPU only: keep the sharded frozen base on the host
+    grad_accum: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step
+    max_grad_norm: float | None = Field(1.0, gt=0)  # clip the total norm (reported as grad_norm); None = no clip
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)  # share of steps with linear warm-up
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warm-up (torchtune/OpenRLHF default)
+    val_share: float = Field(0.1, ge=0, lt=0.5)  # prompts held out (all their chains) for validation loss
+    eval_every: int = Field(20, ge=1)  # validation loss per stage every K steps and at the end
+    tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns) and W&B when configured
     checkpoint_every: int = Field(10, ge=1)
     # Where Ray Train keeps checkpoints: a local path or a cloud URI (s3://, gs://, ...); None = OUT/.
     storage_path: str | None = None
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(1, ge=1)
-    include_flagged: bool = True  # train on chains flagged unsafe-after-all if the policy kept them
+    # Chains whose own safety check flagged the answer (or could not be parsed) stay on disk but out
+    # of training: the method learns from chains that passed the model's own check. No weighting.
+    include_flagged: bool = False
     seed: int = 0
 
 
 def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address: str | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from mote_ray.cluster import init_ray
     from mote_ray.models import resolve_model
-    from mote_ray.training.loop import train_loop
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -65,29 +78,60 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
         config = config.model_copy(update={"mote": config.mote.model_copy(update={"n_experts": 0})})
     resources = init_ray(address)
     use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) >= config.workers
-    cols = ["history", "question", "analysis", "guidance", "answer", "kept", "flagged", "error"]
-    ds = ray.data.read_parquet([str(f) for f in files], columns=cols)
-    ds = ds.filter(lambda r: r["error"] is None and r["answer"] is not None and r["kept"]
-                   and (config.include_flagged or not r["flagged"]))
-    ds = ds.materialize()  # read before the workers take their CPUs
-    n_rows = ds.count()
-    if n_rows < config.workers:
-        raise MoteError(f"{n_rows} usable chains in {chains} for {config.workers} workers")
+    usable, dropped = count_usable(files, config.include_flagged)
+    if usable < config.workers:
+        raise MoteError(f"{usable} usable chains in {chains} for {config.workers} workers (not usable: {dropped})")
+    result = fit(config, files, out, model_path, use_gpu, resources)
+    if result.checkpoint is None:
+        raise MoteError(f"training finished without a checkpoint ({result.error})")
+    return export_run(config, model_path, result.checkpoint, out, usable)
+
+
+def count_usable(files: list[Path], include_flagged: bool) -> tuple[int, dict]:
+    """Usable chains and the others per reason (the same rule the workers apply, data.drop_reason)."""
+    import pyarrow.parquet as pq
+
+    from mote_ray.training.data import drop_reason
+
+    dropped: dict[str, int] = {}
+    usable = 0
+    for f in files:
+        for row in pq.read_table(f, columns=["answer", "kept", "flagged", "error"]).to_pylist():
+            reason = drop_reason(row, include_flagged)
+            if reason:
+                dropped[reason] = dropped.get(reason, 0) + 1
+            else:
+                usable += 1
+    return usable, dropped
+
+
+def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_gpu: bool, resources: dict,
+        name: str = "checkpoint"):
+    """The Ray Train run (OUT/<name>); every worker reads all chains and takes its own slice (loop.load_rows)."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mote_ray.training.loop import train_loop
+    from mote_ray.training.tracking import resolve_mlflow_uri
+
+    cols = ["id", "history", "question", "analysis", "guidance", "answer", "kept", "flagged", "error"]
+    ds = ray.data.read_parquet([str(f) for f in files], columns=cols).materialize()  # read before workers take CPUs
+    tracking = {**config.tracking.model_dump(), "mlflow": resolve_mlflow_uri(config.tracking.mlflow, out)}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**config.model_dump(), "model_path": model_path},
+        train_loop_config={**config.model_dump(), "tracking": tracking, "model_path": model_path,
+                           "run_name": f"{out.name}-{name}"},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker or _cpus_per_worker(
                                          resources, config.workers, use_gpu)}),
-        run_config=RunConfig(name="checkpoint", storage_path=config.storage_path or str(out),
+        run_config=RunConfig(name=name, storage_path=config.storage_path or str(out),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise MoteError(f"training finished without a checkpoint ({result.error})")
-    return export_run(config, model_path, result.checkpoint, out, n_rows)
+    return trainer.fit()
 
 
 def _cpus_per_worker(resources: dict, workers: int, use_gpu: bool) -> float:
@@ -103,25 +147,47 @@ def _cpus_per_worker(resources: dict, workers: int, use_gpu: bool) -> float:
     return min(usable / workers, 8.0)
 
 
-def export_run(config: TrainConfig, model_path: str, checkpoint, out: Path, n_rows: int) -> dict:
-    import torch
+def load_trained(config: TrainConfig, model_path: str, checkpoint_dir: Path):
+    """The MoTE model with a sharded DCP checkpoint's trainable state (strict), and its trainer state."""
+    import torch.distributed.checkpoint as dcp
 
-    from mote_ray.mote.export import export_adapters, save_base, save_mote
     from mote_ray.mote.model import build_mote_model
-    from mote_ray.training.loop import CKPT_FILE
+    from mote_ray.training.loop import STATE_FILE
+
+    model, tok = build_mote_model(model_path, config.mote, seed=config.seed)
+    state = model.trainable_state_dict()
+    dcp.load({"model": state}, checkpoint_id=str(checkpoint_dir), no_dist=True)
+    model.load_trainable_state_dict(state)
+    return model, tok, json.loads((checkpoint_dir / STATE_FILE).read_text())
+
+
+def export_run(config: TrainConfig, model_path: str, checkpoint, out: Path, n_rows: int) -> dict:
+    from mote_ray.mote.export import export_adapters, save_base, save_mote
 
     with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CKPT_FILE, weights_only=False)
-    model, tok = build_mote_model(model_path, config.mote, seed=config.seed)
-    model.load_trainable_state_dict(state["model"])
+        model, tok, state = load_trained(config, model_path, Path(d))
     base = save_base(model, tok, out / "base")
     tok.save_pretrained(out / "tokenizer")
     adapters = export_adapters(model, tok, out / "adapters", base)
     save_mote(model, out / "mote", base)
     history = state["history"]
     first, last = history[0], history[-1]
-    metrics = {"method": config.method, "steps": state["step"], "chains": n_rows, "workers": config.workers,
+    val = state["val_history"][-1] if state["val_history"] else {}
+    metrics = {"method": config.method, "steps": state["step"], "chains": n_rows, "workers": state["workers"],
+               "sharding": state["sharding"], "dtype": state["dtype"], "split": state["split"],
+               "not_trained_on": state["dropped"], "lr": last["lr"], "grad_norm": last["grad_norm"],
+               **{k: v for k, v in val.items() if k != "step"}, "val_history": state["val_history"],
+               "mlflow": {"tracking_uri": config.tracking.mlflow and _uri(config, out), "run_id": state["run_id"]},
+               "config": config.model_dump(mode="json"),
                "first": first, "last": last, "history": history,
                "adapters": {k: str(v) for k, v in adapters.items()}, "base": str(base)}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"[train] {state['step']} steps on {state['workers']} worker(s), {state['sharding']}; "
+          f"val loss {val.get('val_loss', 'n/a')}; not trained on: {state['dropped']}", flush=True)
     return metrics
+
+
+def _uri(config: TrainConfig, out: Path) -> str | None:
+    from mote_ray.training.tracking import resolve_mlflow_uri
+
+    return resolve_mlflow_uri(config.tracking.mlflow, out)

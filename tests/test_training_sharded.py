@@ -1,0 +1,58 @@
+"""FSDP2 from the first byte: meta-device build + per-rank sharded load vs a plain load (2 gloo ranks)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, model_path: str, out: str, dtype: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mote_ray.mote.model import MoTEConfig
+    from mote_ray.training.sharding import DTYPES, build_sharded_mote_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        model, tok = build_sharded_mote_model(model_path, MoTEConfig(r=4), mesh, dtype=DTYPES[dtype], seed=3)
+        ids = torch.tensor([tok("Hello there, how are you?")["input_ids"] + [tok.convert_tokens_to_ids("<|analysis|>")]])
+        experts = torch.zeros_like(ids)
+        with torch.no_grad():
+            logits = model(ids, experts).logits
+        local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"logits": logits.float(), "local": local}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_sharded(model_path, tmp_path, dtype="fp32"):
+    out = str(tmp_path / f"sharded-{dtype}.pt")
+    mp.spawn(_worker, args=(2, _free_port(), model_path, out, dtype), nprocs=2, join=True)
+    return torch.load(out)
+
+
+def test_meta_init_sharded_load_gives_the_plain_logits(tiny_model, tmp_path):
+    from mote_ray.mote.model import MoTEConfig, build_mote_model
+
+    res = _run_sharded(tiny_model, tmp_path)
+    plain, tok = build_mote_model(tiny_model, MoTEConfig(r=4), seed=3)
+    ids = torch.tensor([tok("Hello there, how are you?")["input_ids"] + [tok.convert_tokens_to_ids("<|analysis|>")]])
+    with torch.no_grad():
+        ref = plain(ids, torch.zeros_like(ids)).logits
+    torch.testing.assert_close(res["logits"], ref, rtol=1e-4, atol=1e-4)  # partial-sum order
+    # Each rank holds about half of every sharded tensor, not the whole model.
+    full = {n: p.numel() for n, p in plain.named_parameters()}
+    assert sum(res["local"].values()) <= 0.55 * sum(full.values())
