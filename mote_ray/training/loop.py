@@ -190,12 +190,14 @@ def train_loop(cfg: dict) -> None:
         opt.zero_grad(set_to_none=True)
         stats = torch.tensor([acc["loss_sum"], acc["count"], acc["tokens"], time.perf_counter() - t0]
                              + [float(v) for s in EXPERTS for v in acc[s]], dtype=torch.float64)
+        rss = torch.tensor([peak_rss_mb() - baseline_rss])  # this rank's peak above its pre-model baseline
         if dist_on:
             dist.all_reduce(stats)
+            dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         step += 1
         metrics = {"step": step, "epoch": epoch, "loss": float(stats[0]) / max(float(stats[1]), 1.0), "lr": lr,
                    "grad_norm": grad_norm, "tokens_per_s": float(stats[2]) / (float(stats[3]) / world),
-                   "peak_rss_mb": peak_rss_mb(), "rss_above_baseline_mb": peak_rss_mb() - baseline_rss}
+                   "peak_rss_above_baseline_mb": float(rss)}  # the largest over ranks
         if device == "cuda":
             metrics["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         for k, name in enumerate(EXPERTS):
