@@ -9,6 +9,8 @@ import os
 import sys
 
 from mote_ray import __version__
+from mote_ray.top import add_arguments as add_top_arguments
+from mote_ray.top import main as top_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="base model (default: $MOTE_MODEL, else the offline tiny model)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     pl.set_defaults(func=cmd_pipeline)
+    top = sub.add_parser("top", help="current throughput of running jobs, from Ray's Prometheus metrics")
+    add_top_arguments(top)
+    top.set_defaults(func=top_main)
     return p
 
 

@@ -165,20 +165,23 @@ def run_generate(config: GenerateConfig, prompts: list[str], out: str | Path, *,
     _log(f"{len(rows)} prompts accepted, {len(rejects)} rejected (see {out / 'rejects.jsonl'}), "
          f"{len(rows) - len(pending)} already done, {len(pending)} to generate")
     if pending:
-        _generate(config, pending, out, address, progress)
+        _generate(config, pending, out, address, progress, rejects)
     stats = chain_stats(out, n_rejects=len(rejects))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 
-def _generate(config: GenerateConfig, pending: list[dict], out: Path, address: str | None, progress: bool) -> None:
+def _generate(config: GenerateConfig, pending: list[dict], out: Path, address: str | None, progress: bool,
+              rejects: list = ()) -> None:
     import ray
     from tqdm import tqdm
 
     from mote_ray.cluster import init_ray
     from mote_ray.engine_stage import map_engine
+    from mote_ray.metrics import record_rejects
 
     init_ray(address)
+    record_rejects(rejects)  # now, not at the end: a dashboard sees them while the job runs
     bs = config.pool.batch_size
     ds = ray.data.from_items(pending, override_num_blocks=max(1, -(-len(pending) // bs)))
     ds = map_engine(ds, config.engine, config.pool, stage=ChainStage, stage_kwargs={"config": config.model_dump()})

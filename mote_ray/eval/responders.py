@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from mote_ray.errors import MoteError
+from mote_ray.metrics import record_eval_answered, record_eval_planned
 
 MODES = ("adaptive", "direct", "analysis", "full")
 
@@ -86,6 +87,7 @@ class EvalEngineStage:
         if fits:
             done = {r["id"]: r for r in self.stage(pa.Table.from_pylist(fits)).to_pylist()}
             rows = [done.get(r["id"], r) for r in rows]
+        record_eval_answered(rows)
         return pa.Table.from_pylist([{**r, "error": r.get("error")} for r in rows])
 
 
@@ -119,6 +121,7 @@ class MoTEResponder:
             out = self.gen.generate(ids, mode=self.mode, limits=self.limits)
             r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
                      seconds=time.perf_counter() - t0, error=None)
+        record_eval_answered(rows)
         return pa.Table.from_pylist(rows)
 
 
@@ -150,7 +153,9 @@ class EndpointResponder:
             return r
 
         with ThreadPoolExecutor(8) as pool:
-            return pa.Table.from_pylist(list(pool.map(one, batch.to_pylist())))
+            rows = list(pool.map(one, batch.to_pylist()))
+        record_eval_answered(rows)
+        return pa.Table.from_pylist(rows)
 
 
 def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits: dict | None = None,
@@ -164,6 +169,7 @@ def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits:
     from mote_ray.records import SamplingParams
 
     init_ray()
+    record_eval_planned(rows)
     ds = ray.data.from_items(rows)
     pool = PoolConfig(batch_size=16)
     if spec.kind in ("engine", "adapter"):

@@ -88,6 +88,7 @@ def train_loop(cfg: dict) -> None:
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from mote_ray.metrics import record_train_step
     from mote_ray.mote.model import MoTEConfig, build_mote_model
     from mote_ray.mote.routing import EXPERTS, stage_token_ids
     from mote_ray.training.data import batches, drop_reason, example, split_by_prompt
@@ -212,6 +213,8 @@ def train_loop(cfg: dict) -> None:
             metrics.update(val_metrics(vstats))
             val_history.append({"step": step, **val_metrics(vstats)})
         history.append(metrics)
+        if rank == 0:  # Ray metrics: tokens and step time as in tokens_per_s above (summed over ranks)
+            record_train_step(metrics, float(stats[2]), float(stats[3]) / world)
         tracker.log(metrics, step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
