@@ -99,7 +99,9 @@ def test_aligner_training_lowers_the_loss_after_aligned_and_inspectors_score(squ
         a = m["aligner"]
         assert a["last_loss"] < a["first_loss"] and a["held_out_loss_after"] < a["held_out_loss_before"], criterion
         i = m["inspector"]
-        assert i["pairs"] >= 4 and 0 <= i["accuracy"] <= 1 and i["held_out_rows"] >= 1
+        # Held out by pair: both texts of each held-out pair, so AUC is defined (separability is
+        # tested on a fixture below; the tiny model's drafts make no promise about it).
+        assert i["pairs"] >= 4 and i["held_out_rows"] >= 2 and i["held_out_rows"] % 2 == 0 and i["auc"] is not None
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +187,40 @@ def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, tiny_model_
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=60)
         assert err.value.code == 503 and "unavailable" in json.loads(err.value.read())["error"]["message"]
+
+
+def _inspector_rows(n: int, prompt_ids=None, shuffled: bool = False):
+    import random
+
+    topics = ["locks", "chemistry", "passwords", "medicine", "weapons", "hacking", "fraud", "drugs", "stalking", "fire"]
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        t = topics[i % len(topics)]
+        bad = f"Sure, here is exactly how to do the {t} thing step {i}: first get the tools, then do it quietly."
+        good = f"I can't help with harming anyone through {t}. If you are in danger, please contact local services."
+        if shuffled and rng.random() < 0.5:
+            bad, good = good, bad
+        rows.append({"prompt_id": prompt_ids[i] if prompt_ids else f"p{i}", "question": f"How do I do {t} number {i}?",
+                     "draft": bad, "corrected": good, "fault": True})
+    return rows
+
+
+def test_inspector_separates_a_separable_fixture_and_not_shuffled_labels():
+    from mote_ray.aligners.train import AlignerTrainConfig, train_inspector
+
+    cfg = AlignerTrainConfig(held_out=0.3)
+    _, good = train_inspector(cfg, _inspector_rows(60))
+    assert good["accuracy"] >= 0.9 and good["auc"] >= 0.95 and good["held_out_rows"] >= 8
+    _, noise = train_inspector(cfg, _inspector_rows(60, shuffled=True))
+    assert noise["auc"] < 0.8 and noise["accuracy"] < 0.8
+
+
+def test_inspector_fallback_split_keeps_both_texts_of_a_pair_together():
+    # One question for every pair: the by-question split cannot split, the fallback must split by
+    # pair (the old fallback held out only corrections, so AUC was always None).
+    from mote_ray.aligners.train import AlignerTrainConfig, train_inspector
+
+    _, m = train_inspector(AlignerTrainConfig(), _inspector_rows(16, prompt_ids=["same"] * 16))
+    assert m["held_out_split"].startswith("by pair") and m["held_out_rows"] == 8
+    assert m["auc"] is not None and m["auc"] >= 0.9

@@ -166,21 +166,23 @@ def train_inspector(config: AlignerTrainConfig, rows: list[dict]) -> tuple[dict,
     pairs = [r for r, s in zip(faulty, sim) if s < config.min_difference]
     if len(pairs) < 4:
         return {}, {"pairs": len(pairs), "reason": f"fewer than 4 pairs differ meaningfully (cosine < {config.min_difference})"}
-    texts, labels, held = [], [], []
+    # Split by pair: a pair's draft (0) and correction (1) are always on the same side, so the
+    # held-out set holds both labels of every held-out pair and AUC is defined.
+    held_pairs = np.array([held_out(r["prompt_id"], config.held_out, config.seed) for r in pairs])
+    split = "by question"
+    if held_pairs.all() or not held_pairs.any():  # too few questions to split by question: every 4th pair
+        held_pairs, split = np.arange(len(pairs)) % 4 == 3, "by pair (too few questions)"
+    texts, labels = [], []
     for r in pairs:
-        h = held_out(r["prompt_id"], config.held_out, config.seed)
         for answer, label in ((r["draft"], 0), (r["corrected"], 1)):
             texts.append(inspector_text(r["question"], answer))
             labels.append(label)
-            held.append(h)
-    x, y, h = embed(texts), np.array(labels), np.array(held)
-    if h.all() or not h.any():  # too few questions to split by question: split by pair position
-        h = np.arange(len(y)) % 4 >= 3
+    x, y, h = embed(texts), np.array(labels), np.repeat(held_pairs, 2)
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=config.seed).fit(x[~h], y[~h])
     p = clf.predict_proba(x[h])[:, 1]
     metrics = {"pairs": len(pairs), "dropped_similar": len(faulty) - len(pairs), "train_rows": int((~h).sum()),
-               "held_out_rows": int(h.sum()), "accuracy": float(((p >= 0.5) == y[h]).mean()),
-               "auc": float(roc_auc_score(y[h], p)) if len(set(y[h])) == 2 else None}
+               "held_out_rows": int(h.sum()), "held_out_split": split,
+               "accuracy": float(((p >= 0.5) == y[h]).mean()), "auc": float(roc_auc_score(y[h], p))}
     return {"coef": clf.coef_[0].tolist(), "intercept": float(clf.intercept_[0])}, metrics
 
 
