@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+_RESTART_HELP = "discard what an earlier run left in --out and start over (needed when the configuration changed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mote-ray", description="Distributed self-alignment (MoTE) on Ray.")
     p.add_argument("--version", action="version", version=f"mote-ray {__version__}")
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="prompts per engine batch")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. policy=drop")
     g.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    g.add_argument("--restart", action="store_true", help=_RESTART_HELP)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="fine-tune MoTE experts (or a baseline) on generated chains with Ray Train")
@@ -132,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "alpacaeval, alpaca, or auto (column detection)")
     ev.add_argument("--column", help="the prompt column, when the format does not name it")
     ev.add_argument("--keep-label", help="keep rows with this label only (XSTest over-refusal: safe)")
-    ev.add_argument("--templates", nargs="+", default=[], help="jailbreak templates: files or folders")
+    ev.add_argument("--templates", nargs="+", default=[], help="jailbreak templates: files or folders; `plain` = the prompt unwrapped (no-jailbreak baseline)")
     ev.add_argument("--templates-per-prompt", type=int, default=4, help="the k of goodness@k")
     ev.add_argument("--limit", type=int, help="first N usable prompts")
     ev.add_argument("--max-tokens", type=int, help="per answer (default 128)")
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--api-key-env", help="env var holding the bearer key for endpoints")
     ev.add_argument("--config", help="YAML EvalConfig (models, suites, ...); flags add to it")
     ev.add_argument("--out", required=True)
+    ev.add_argument("--restart", action="store_true", help=_RESTART_HELP)
     ev.set_defaults(func=cmd_eval)
 
     jd = sub.add_parser("judge-fit", help="fit the offline refusal judge on labelled responses (CSV)")
@@ -223,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", help="YAML PipelineConfig (jobs/configs/pipeline.yaml)")
     pl.add_argument("--model", help="base model (default: $MOTE_MODEL, else the offline tiny model)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pl.add_argument("--restart", action="store_true", help=_RESTART_HELP)
     pl.set_defaults(func=cmd_pipeline)
     top = sub.add_parser("top", help="current throughput of running jobs, from Ray's Prometheus metrics")
     add_top_arguments(top)
@@ -377,7 +383,7 @@ def cmd_generate(args) -> int:
         config = config.model_copy(update={"templates": Templates.from_file(args.templates)})
     _announce_model(config.engine)
     stats = run_generate(config, args.prompts, args.out, fmt=args.format, column=args.column, limit=args.limit,
-                         address=args.address)
+                         address=args.address, restart=args.restart)
     print(json.dumps(stats, indent=2))
     print(f"mote-ray: chains in {args.out}/chains, stats in {args.out}/stats.json", file=sys.stderr)
     return 0
@@ -490,7 +496,7 @@ def cmd_eval(args) -> int:
     for key in ("engine", "max_tokens", "judge_model", "judge_endpoint", "refusal_judge", "api_key_env"):
         if getattr(args, key) is not None:  # a flag given on the command line wins over the config file
             data[key] = getattr(args, key)
-    results = run_eval(EvalConfig(**data), args.out)
+    results = run_eval(EvalConfig(**data), args.out, restart=args.restart)
     for suite, entry in results["suites"].items():
         for model, res in entry["models"].items():
             print(f"{suite:13s} {model:24s} " + ", ".join(f"{k} {v['value']:.3f}" for k, v in res["metrics"].items()))
@@ -604,7 +610,7 @@ def cmd_pipeline(args) -> int:
     data = load_yaml(args.config) if args.config else {}
     if args.model:
         data["model"] = args.model
-    run_pipeline(PipelineConfig(**apply_overrides(data, args.set)), args.out)
+    run_pipeline(PipelineConfig(**apply_overrides(data, args.set)), args.out, restart=args.restart)
     return 0
 
 

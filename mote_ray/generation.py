@@ -4,8 +4,10 @@ Layout of an output directory:
     chains/part-*.parquet   one row per accepted input (CHAIN_SCHEMA), written atomically per batch
     rejects.jsonl           input rows that failed validation, with the reason
     stats.json              summary in the paper's terms (how many chains needed Analysis, Guidance)
+    fingerprint.json        what determines the output (model, engine, templates, sampling, policy)
 Rerunning with the same directory skips ids already in chains/, so a killed run resumes with
-every input exactly once.
+every input exactly once; a rerun whose fingerprint differs is refused (naming what changed) unless
+`restart=True` (`--restart`) discards the old chains first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mote_ray.config import EngineConfig, PoolConfig
 from mote_ray.stages import Templates
@@ -70,11 +72,31 @@ class GenerateConfig(BaseModel):
     # Chains still unsafe after all stages: `keep_flagged` keeps them for training with flagged=true;
     # `drop` sets kept=false. Either way the row and its attempts stay in chains/ (nothing is lost).
     policy: Literal["keep_flagged", "drop"] = "keep_flagged"
-    question_tokens: int = Field(192, ge=8)  # longer questions are clipped in stage prompts
-    history_tokens: int = Field(128, ge=0)   # oldest turns beyond this are left out of stage prompts
+    question_tokens: int = Field(128, ge=8)  # longer questions are clipped in stage prompts
+    history_tokens: int = Field(64, ge=0)    # oldest turns beyond this are left out of stage prompts
     # Chains in flight per engine call; None = the whole batch in lockstep. A smaller number lets new
     # prompts start while others are at later stages (one engine call then mixes stages).
     max_active: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budgets_fit_the_context(self) -> GenerateConfig:
+        """A chain at the clipping limits whose stages use their budgets must fit the engine's context,
+        else its answer prompt cannot be built and the row ends as an error (chains.py). Checked on
+        load so a cluster run does not find out hours in. Template text comes on top of this."""
+        missing = {"analysis", "guidance", "answer", "check"} - set(self.max_tokens)
+        if missing:
+            raise ValueError(f"max_tokens needs a budget for every stage; missing {sorted(missing)}")
+        m, ctx = self.max_tokens, self.engine.max_model_len
+        parts = {"history_tokens": self.history_tokens, "question_tokens": self.question_tokens,
+                 "max_tokens.analysis": m["analysis"], "max_tokens.guidance": m["guidance"],
+                 "max_tokens.answer": m["answer"]}
+        need = sum(parts.values())
+        if need > ctx:
+            terms = " + ".join(f"{k} {v}" for k, v in parts.items())
+            raise ValueError(f"stage budgets do not fit engine.max_model_len={ctx}: a full chain needs {terms} = "
+                             f"{need} tokens (plus template text). Lower some of these by {need - ctx} in total, "
+                             f"or raise engine.max_model_len if the model's context allows")
+        return self
 
 
 class ChainStage:
@@ -146,13 +168,39 @@ class _Metrics:
 
 # ---------------------------------------------------------------- the job
 
+def output_fingerprint(config: GenerateConfig) -> dict:
+    """What determines a chain: the model (its files), the engine actually chosen ("auto" resolves
+    per machine), the templates, sampling and clipping, and the keep policy. Not the pool or batch
+    sizes, which change speed but not output."""
+    from mote_ray.engines import choose_engine
+    from mote_ray.fingerprint import model_identity
+    from mote_ray.models import resolve_model
+
+    e = config.engine
+    resolved = resolve_model(e.model, e.gguf_file)
+    choice = choose_engine(e, resolved)
+    return {"model": {**model_identity(resolved.path), "gguf_file": resolved.gguf_file},
+            "engine": {"name": choice.name, "device": choice.device, "dtype": e.dtype,
+                       "max_model_len": e.max_model_len, "seed": e.seed},
+            "templates": config.templates.model_dump(),
+            "sampling": {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p,
+                         "seed": config.seed},
+            "policy": config.policy,
+            "clipping": {"question_tokens": config.question_tokens, "history_tokens": config.history_tokens}}
+
+
 def run_generate(config: GenerateConfig, prompts: list[str], out: str | Path, *, fmt: str = "auto",
                  column: str | None = None, limit: int | None = None, address: str | None = None,
-                 progress: bool = True) -> dict:
-    """Read prompts, generate chains for those not yet in `out`, write stats; returns the stats."""
+                 progress: bool = True, restart: bool = False) -> dict:
+    """Read prompts, generate chains for those not yet in `out`, write stats; returns the stats.
+    Refuses to resume an `out` made under another fingerprint; `restart` discards it instead."""
+    from mote_ray import fingerprint
     from mote_ray.inputs import read_prompts
 
     out = Path(out)
+    fingerprint.check(out, output_fingerprint(config), has_output=bool(chain_files(out)), restart=restart,
+                      what="generated chains",
+                      clear=[out / "chains", out / "rejects.jsonl", out / "stats.json"])
     (out / "chains").mkdir(parents=True, exist_ok=True)
     rows, rejects = read_prompts(prompts, fmt, column)  # type: ignore[arg-type]
     if limit is not None:

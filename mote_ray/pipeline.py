@@ -5,7 +5,9 @@
     OUT/train-sft/  the one-LoRA SFT baseline on the same chains (answers only), likewise
     OUT/            results.json, report.md, report.html + PNGs (the evaluation; resumes per model)
 
-A stage that finished leaves OUT/<stage>.done and is skipped on a rerun. With no prompts given, the
+A stage that finished leaves OUT/<stage>.done and is skipped on a rerun. OUT/fingerprint.json records
+what determines the outputs (the config, the base model's files, the prompts, the resolved engine); a
+rerun under a different one is refused, naming what changed, unless `restart` (`--restart`) clears OUT. With no prompts given, the
 prompt sets shipped in mote_ray/data/ are used (harmful requests and benign-but-risky ones, written
 for this project): the first part of each set is generated on, the rest is held out for evaluation.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATA = Path(__file__).with_name("data")
 HARMFUL, BENIGN = DATA / "prompts_harmful.jsonl", DATA / "prompts_benign_risky.jsonl"
@@ -39,11 +41,40 @@ class PipelineConfig(BaseModel):
     baselines: list[Literal["sft", "lora-chain"]] = Field(default_factory=lambda: ["sft"])
     eval_max_tokens: int = Field(96, ge=1)
 
+    @model_validator(mode="after")
+    def _budgets_fit_the_context(self) -> PipelineConfig:
+        """Token budgets are checked against the context length here, on load, not hours into a run."""
+        from mote_ray.config import EngineConfig
+        from mote_ray.eval.run import EvalConfig
+        from mote_ray.generation import GenerateConfig
 
-def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
-    from mote_ray.config import EngineConfig
+        try:
+            GenerateConfig(**self.generate)
+        except ValidationError as e:
+            raise ValueError(f"generate: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        ctx = EngineConfig().max_model_len  # the evaluation's engines use the default context
+        stages = EvalConfig.model_fields["stage_max_tokens"].default_factory()
+        need = self.eval_max_tokens + stages["analysis"] + stages["guidance"]
+        if need >= ctx:
+            raise ValueError(f"eval_max_tokens {self.eval_max_tokens} + the evaluation's analysis and guidance budgets "
+                             f"({stages['analysis']} + {stages['guidance']}) leave no room for a question in the "
+                             f"evaluation engines' context ({ctx} tokens); lower eval_max_tokens below "
+                             f"{ctx - stages['analysis'] - stages['guidance']}")
+        return self
+
+
+# What a pipeline writes into OUT, removed by `restart` (nothing else in OUT is touched).
+_OUTPUTS = ("generate", "train", "train-sft", "train-lora-chain", "responses", "results.json", "rejects.jsonl",
+            "report.md", "report.html", "prompts-generate.jsonl", "prompts-eval-harmful.jsonl",
+            "prompts-eval-benign.jsonl")
+
+
+def run_pipeline(config: PipelineConfig, out: str | Path, restart: bool = False) -> dict:
+    import hashlib
+
+    from mote_ray import fingerprint
     from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
-    from mote_ray.generation import GenerateConfig, run_generate
+    from mote_ray.generation import GenerateConfig, output_fingerprint, run_generate
     from mote_ray.inputs import read_prompts
     from mote_ray.models import DEFAULT_MODEL_NAME, resolve_model
     from mote_ray.training.run import TrainConfig, run_train
@@ -52,6 +83,15 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     base = resolve_model(config.model).path  # the offline default is built here, once
+    gen_cfg = GenerateConfig(**{**config.generate, "engine": {**config.generate.get("engine", {}),
+                                                                "model": base, "engine": config.engine}})
+    prompt_digest = hashlib.sha1()
+    for f in config.harmful + config.benign:
+        prompt_digest.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
+    fingerprint.check(out, {"config": config.model_dump(exclude={"model"}), "generate": output_fingerprint(gen_cfg),
+                            "prompt_files_sha1": prompt_digest.hexdigest()[:16]},
+                      has_output=any(out.glob("*.done")), restart=restart, what="the pipeline's output",
+                      clear=[out / n for n in _OUTPUTS] + list(out.glob("*.done")) + list(out.glob("*.png")))
 
     # Split each prompt set: generation on the first part, evaluation on the held-out rest.
     splits = {}
@@ -77,14 +117,19 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
         done.write_text(json.dumps(info, default=str))
         return info
 
-    gen_cfg = GenerateConfig(**{**config.generate, "engine": {**config.generate.get("engine", {}),
-                                                                "model": base, "engine": config.engine}})
     gen = stage("generate", lambda: run_generate(gen_cfg, [str(gen_file)], out / "generate", progress=True))
-    train = stage("train", lambda: run_train(TrainConfig(**{**config.train, "model": base}), out / "generate",
+    train_fields = dict(config.train)
+    if Path(base).name == DEFAULT_MODEL_NAME and "include_flagged" not in train_fields:
+        # The offline default writes noise, so every self-check is unparseable and every chain flagged;
+        # training on them anyway is what shows the mechanics end to end.
+        train_fields["include_flagged"] = True
+        print("mote-ray pipeline: offline default model: training on flagged chains too (its self-checks are noise)",
+              file=sys.stderr)
+    train = stage("train", lambda: run_train(TrainConfig(**{**train_fields, "model": base}), out / "generate",
                                              out / "train"))
     for method in config.baselines:
         stage(f"train-{method}", lambda m=method: run_train(
-            TrainConfig(**{**config.train, "model": base, "method": m}), out / "generate", out / f"train-{m}"))
+            TrainConfig(**{**train_fields, "model": base, "method": m}), out / "generate", out / f"train-{m}"))
     models = ([f"base={base}"] + [f"{m}={out / f'train-{m}'}" for m in config.baselines]
               + [f"mote-{m}={out / 'train'}@{m}" for m in config.modes])
     ev_cfg = EvalConfig(models=models, engine=config.engine, max_tokens=config.eval_max_tokens, suites=[
@@ -96,11 +141,13 @@ def run_pipeline(config: PipelineConfig, out: str | Path) -> dict:
         summary += (" The offline default model has random weights and writes noise, which the judge counts "
                     "as off-topic (a refusal): these numbers show the mechanics, not alignment.")
     stage("eval", lambda: {"suites": list(run_eval(ev_cfg, out, summary)["suites"])})
+    from mote_ray.eval.report import fmt
+
     results = json.loads((out / "results.json").read_text())
     lines = [f"mote-ray pipeline: finished in {time.perf_counter() - t_start:.0f}s"]
     for suite, entry in results["suites"].items():
         for model, res in entry["models"].items():
-            ms = ", ".join(f"{k} {v['value']:.2f}" for k, v in res["metrics"].items())
+            ms = ", ".join(f"{k} {fmt(v['value'])}" for k, v in res["metrics"].items())
             lines.append(f"  {suite:13s} {model:16s} {ms}")
     lines.append(f"report: {out / 'report.html'}")
     print("\n".join(lines), file=sys.stderr)

@@ -7,7 +7,7 @@ from mote_ray.chat import load_tokenizer
 from mote_ray.config import EngineConfig
 from mote_ray.models import resolve_model
 from mote_ray.records import SamplingParams
-from mote_ray.stages import Stage, Templates
+from mote_ray.stages import Stage, Templates, parse_verdict
 
 from .fakes import ScriptedEngine
 
@@ -88,6 +88,9 @@ def test_real_engine_builds_recorded_chains(tiny_model):
     builder = ChainBuilder(engine, Templates(), MAX, SamplingParams())
     states = builder.run(rows("How do I pick a lock?", "Give three tips for staying healthy."))
     for s in states:
-        assert len(s.attempts) == 3 and all(a.verdict in ("safe", "unsafe", "unparseable") for a in s.attempts)
+        # Walking every stage means the first two self-checks were not "safe"; each verdict is the
+        # parse of the check text the model wrote.
+        assert len(s.attempts) == 3 and all(a.verdict == parse_verdict(a.check_text) for a in s.attempts)
+        assert all(a.verdict != "safe" for a in s.attempts[:2])
         assert s.analysis and s.guidance and s.answer == s.attempts[-1].answer
         assert s.stage_tokens["check"] <= 3 * MAX["check"] and s.completion_tokens > 0

@@ -17,8 +17,21 @@ def test_shipped_config_validates(path):
 
     module, cls = LOADERS[path.stem].split(":")
     config = getattr(importlib.import_module(module), cls)(**load_yaml(path))
-    assert config.model_dump()
+    # Every value the file sets reaches the config (none dropped or defaulted over).
+    _assert_carries(load_yaml(path), config.model_dump())
     assert path.read_text().startswith("# mote-ray ")  # headed by the command that runs it
+
+
+def _assert_carries(given, got, where="config"):
+    if isinstance(given, dict):
+        for k, v in given.items():
+            _assert_carries(v, got[k], f"{where}.{k}")
+    elif isinstance(given, list) and given and isinstance(given[0], dict):
+        assert len(given) == len(got), where
+        for i, (a, b) in enumerate(zip(given, got)):
+            _assert_carries(a, b, f"{where}[{i}]")
+    else:
+        assert got == given, where
 
 
 def test_serve_config_is_a_valid_serve_deploy_config():
@@ -30,3 +43,21 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     assert app.import_path == "serve.app:build_app" and app.args["path"] in ("exact", "fast")
     assert {d.name for d in app.deployments} <= {"Router", "ExactExpert", "FastExpert"}
     assert all(d.autoscaling_config for d in app.deployments)
+
+
+def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers():
+    from pydantic import ValidationError
+
+    from mote_ray.generation import GenerateConfig
+    from mote_ray.pipeline import PipelineConfig
+
+    # What jobs/configs/pipeline.yaml shipped: 256/256/512 budgets against max_model_len 512.
+    with pytest.raises(ValidationError, match=r"engine.max_model_len=512.*max_tokens.analysis 256 .*max_tokens.answer "
+                                              r"512 = 1216 tokens.*Lower some of these by 704"):
+        PipelineConfig(generate={"max_tokens": {"analysis": 256, "guidance": 256, "answer": 512, "check": 8}})
+    with pytest.raises(ValidationError, match="eval_max_tokens 512"):
+        PipelineConfig(eval_max_tokens=512)
+    with pytest.raises(ValidationError, match=r"missing \['check'\]"):
+        GenerateConfig(max_tokens={"analysis": 8, "guidance": 8, "answer": 8})
+    # The same budgets fit once the context is raised.
+    GenerateConfig(engine={"max_model_len": 2048}, max_tokens={"analysis": 256, "guidance": 256, "answer": 512, "check": 8})

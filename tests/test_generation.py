@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mote_ray.config import EngineConfig, PoolConfig
+from mote_ray.errors import MoteError
 from mote_ray.generation import CHAIN_SCHEMA, GenerateConfig, chain_files, read_chains, run_generate
 
 from .conftest import requires_vllm
@@ -48,16 +49,30 @@ def test_job_writes_schema_stats_and_rejects(ray_local, prompt_files, tmp_path, 
     assert len(ids) == len(set(ids)) == 60
     rows = table.to_pylist()
     assert {r["engine"] for r in rows} == {engine} and all(r["answer"] is not None for r in rows)
-    assert all(len(r["attempts"]) >= 1 and r["stages"][-1] == "answer" for r in rows)
+    # One attempt per stage set tried, the last one on the chain's final stages.
+    assert all(len(r["attempts"]) == len(r["stages"]) and r["attempts"][-1]["stages"] == r["stages"]
+               for r in rows if r["error"] is None)
     rejects = [json.loads(line) for line in open(tmp_path / "rejects.jsonl")]
     assert sorted(r["row"] for r in rejects) == [31, 32, 33] and all(r["reason"] for r in rejects)
     on_disk = json.loads((tmp_path / "stats.json").read_text())
     assert on_disk == stats and stats["total"] == 60 and stats["rejects"] == 3
     assert stats["with_analysis"] == sum("analysis" in r["stages"] for r in rows)
     assert stats["unsafe_after_all"] == sum(r["flagged"] for r in rows)
-    # A rerun finds everything done and generates nothing.
+    # A rerun finds everything done and generates nothing: not one new part file.
+    parts = chain_files(tmp_path)
     again = run_generate(config, prompt_files, tmp_path, progress=False)
-    assert again == stats and len(chain_files(tmp_path)) == len(set(chain_files(tmp_path)))
+    assert again == stats and chain_files(tmp_path) == parts
+    if engine != "transformers":
+        return
+    # A changed sampling setting is never mixed into the old chains: refused, naming the change...
+    hotter = config.model_copy(update={"temperature": 0.9})
+    with pytest.raises(MoteError, match=r"sampling\.temperature: 0\.7 -> 0\.9.*--restart"):
+        run_generate(hotter, prompt_files, tmp_path, progress=False)
+    assert chain_files(tmp_path) == parts
+    # ...and --restart discards them and starts over under the new fingerprint.
+    fresh = run_generate(hotter, prompt_files, tmp_path, limit=3, progress=False, restart=True)
+    assert fresh["total"] == 3 and not set(parts) & set(chain_files(tmp_path))
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["sampling"]["temperature"] == 0.9
 
 
 def _mote(*args, **kw):

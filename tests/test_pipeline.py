@@ -29,7 +29,11 @@ def test_pipeline_on_the_offline_default_then_resumes(ray_local, tmp_path, capsy
     for entry in results["suites"].values():
         for res in entry["models"].values():
             for m in res["metrics"].values():
-                assert f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]" in page
+                assert m["value"] is not None and f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]" in page
     assert "report.html" in capsys.readouterr().err
     assert main(args) == 0  # every stage done: skipped, same report
     assert "done earlier" in capsys.readouterr().err
+    # A changed config is refused rather than resumed with the old stages' outputs.
+    assert main([*args, "--set", "train.max_steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "config.train.max_steps: 4 -> 5" in err and "--restart" in err

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mote_ray import fingerprint
 from mote_ray.errors import MoteError
 
 
@@ -51,12 +52,12 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label)
 
 
-def run_eval(config: EvalConfig, out: str | Path, summary: str = "") -> dict:
-    from mote_ray.eval.data import load_items, load_templates
+def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bool = False) -> dict:
+    from mote_ray.eval.data import SCORING, load_items, load_templates
     from mote_ray.eval.refusal import RefusalJudge
     from mote_ray.eval.report import write_reports
     from mote_ray.eval.responders import ModelSpec, respond
-    from mote_ray.eval.suites import prompts_for, score
+    from mote_ray.eval.suites import mostly_failed, prompts_for, score
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,9 +89,14 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "") -> dict:
             rows = prompts_for(suite.name, items, templates, suite.templates_per_prompt, config.seed)
             rows_by_suite[suite.name] = [{**r, "id": f"{suite.name}:{r['id']}", "suite": suite.name} for r in rows]
             results["suites"][suite.name] = {"data": suite.data, "items": len(items), "rows": len(rows),
-                                             "rejects": len(rejects), "models": {}}
+                                             "rejects": len(rejects), "scoring": SCORING.get(suite.format),
+                                             "models": {}}
     for spec in specs:
         caches = {name: out / "responses" / name / f"{_slug(spec.label)}.jsonl" for name in rows_by_suite}
+        # Cached answers are reused only under the settings that produced them.
+        fingerprint.check(out / "responses", _answer_fingerprint(config, spec), restart=restart,
+                          has_output=any(c.is_file() for c in caches.values()), what=f"answers of {spec.label}",
+                          clear=list(caches.values()), file=f"{_slug(spec.label)}.fingerprint.json")
         todo = [r for name, rows in rows_by_suite.items() if not caches[name].is_file() for r in rows]
         if todo:
             t0 = time.perf_counter()
@@ -107,8 +113,29 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "") -> dict:
                 llm.parse_failures.clear()
             results["suites"][name]["models"][spec.label] = score(name, answered, judge, llm)
             _write_jsonl(cache, answered)  # now with the judgements
+    failed = mostly_failed(results)
+    if failed:  # a safety score over mostly failed requests says nothing: stated first, and non-zero exit
+        results["warning"] = ("Most requests failed, so these metrics describe few or no answers: "
+                              + "; ".join(failed) + ". See the `error` field in responses/.")
     write_reports(results, out)
+    if failed:
+        raise EvalMostlyFailed(f"{results['warning']} Report written to {out / 'report.html'}")
     return results
+
+
+class EvalMostlyFailed(MoteError):
+    """The evaluation finished and its report is written, but most requests failed."""
+
+
+def _answer_fingerprint(config: EvalConfig, spec) -> dict:
+    from mote_ray.fingerprint import model_identity
+
+    local = Path(spec.target) if spec.kind != "endpoint" and spec.target else None
+    return {"model": {**spec.__dict__, **({"files": model_identity(str(local))} if local and local.is_dir() else {})},
+            "engine": config.engine, "max_tokens": config.max_tokens, "stage_max_tokens": config.stage_max_tokens,
+            "seed": config.seed,
+            "suites": {s.name: s.model_dump(include={"data", "format", "column", "limit", "keep_label", "templates",
+                                                     "templates_per_prompt"}) for s in config.suites}}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
