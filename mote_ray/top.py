@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Prometheus endpoint, e.g. http://HEAD:8080/metrics (repeatable; default: every "
                         "node's metrics export port, from the Ray cluster at --address)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else `auto`)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between the two scrapes of a rate")
+    p.add_argument("--interval", type=float, default=10.0,
+                   help="seconds between the two scrapes of a rate (Ray reports metrics every 10 s by default)")
     p.add_argument("--count", type=int, default=0, help="refreshes before exiting (default: until Ctrl-C)")
 
 
