@@ -78,3 +78,13 @@ def test_every_dashboard_metric_has_a_nonzero_sample_in_a_live_scrape(tmp_path):
     # `mote-ray top`'s report over the serving interval shows the requests.
     served = next(line for line in result["top_output"] if line.startswith("serve     requests/s"))
     assert float(served.split()[2]) > 0
+
+
+def test_recording_outside_ray_is_a_noop_and_imports_no_ray():
+    code = ("import sys; from mote_ray import metrics as m; assert 'ray' not in sys.modules; "
+            "from mote_ray.inputs import Reject; "
+            "m.record_rejects([Reject(source='f', row=1, reason='empty prompt', raw='')]); "
+            "m.record_train_step({'loss': 1.0, 'loss_answer': 2.0}, 10.0, 0.1); "
+            "m.record_eval_planned([{'suite': 's'}]); m.record_eval_answered([{'suite': 's', 'error': None}]); "
+            "assert m._made == {}, m._made")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
