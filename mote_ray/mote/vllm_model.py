@@ -1,0 +1,218 @@
+"""The MoTE model as a native vLLM model: token-routed experts, continuously batched, prefix-cached.
+
+The expert travels in the token id (../shared/docs/vllm-mote.md): a virtual vocabulary of K·V ids,
+id = token + k·V for K stage experts. Inside the model `expert = id // V` and the embedding reads
+`id % V`, so every forward (prefill, decode, chunked prefill, recompute after eviction) knows each
+token's expert, and the prefix cache — which hashes token ids — keeps and reuses KV exactly as each
+token's own expert computed it. Every decoder linear gets the same masked-dense update as training
+(mote/layer.py):  y = W0·x + s·(α·B_e A_e x + (1−α)·B_sh A_sh x),  added by a forward hook on the
+vLLM layer (fused qkv / gate_up included: one sub-projection's expert per shard). `compute_logits`
+tiles the base logits K times; `MoTELogitsProcessor` keeps only the request's expert copy, so the
+sampled id already carries the expert that will read it.
+
+Tensor parallel 1 only (the expert tensors are not sharded); eager mode (the routing gate is module
+state set per forward, which CUDA graphs would freeze).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+ARCH = "MoTEForCausalLM"
+EXPERT_PREFIX = "mote_expert."  # checkpoint keys of the expert tensors (mote/vllm_dir.py writes them)
+
+
+class _Routing:
+    """The per-forward gate every hooked layer reads: (tokens, (E+1)·r)."""
+
+    gate: torch.Tensor | None = None
+
+
+class MoTEForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        from vllm.model_executor.models.utils import init_vllm_registered_model
+
+        cfg = vllm_config.model_config.hf_config
+        mote = cfg.mote  # written by mote/vllm_dir.py
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ValueError("the MoTE vLLM model runs with tensor_parallel_size=1 (its experts are not sharded)")
+        self.V, self.K = int(mote["base_vocab_size"]), int(mote["n_experts"])
+        self.r, self.alpha, self.scaling = int(mote["r"]), float(mote["alpha"]), float(mote["lora_alpha"]) / int(mote["r"])
+        inner_cfg = type(cfg).from_dict({**cfg.to_dict(), "vocab_size": self.V, "architectures": [mote["architecture"]]})
+        self.inner = init_vllm_registered_model(vllm_config, prefix=prefix, hf_config=inner_cfg,
+                                                architectures=[mote["architecture"]])
+        self.routing = _Routing()
+        self.packed = dict(getattr(type(self.inner), "packed_modules_mapping", {}))
+        self.expert_names: dict[str, tuple[str, ...]] = {}  # our parameter prefix -> HF sub-module names
+        self._wrap(set(mote["targets"]))
+
+    # -- experts ------------------------------------------------------------------------------------
+    def _wrap(self, targets: set[str]) -> None:
+        """Expert parameters and a hook on every decoder linear whose (sub-)projections were trained."""
+        n = self.K + 1
+        for name, module in list(self.inner.named_modules()):
+            short = name.rsplit(".", 1)[-1]
+            subs = tuple(self.packed.get(short, [short]))
+            if ".layers." not in f".{name}" or not any(s in targets for s in subs) or not hasattr(module, "weight"):
+                continue
+            sizes = list(getattr(module, "output_partition_sizes", None) or [module.weight.shape[0]])
+            if len(sizes) != len(subs):
+                raise ValueError(f"{name}: {len(sizes)} output shards but packed mapping {subs}")
+            d_in, dtype = module.weight.shape[1], module.weight.dtype
+            module.mote_A = nn.Parameter(torch.zeros(len(subs), n * self.r, d_in, dtype=dtype), requires_grad=False)
+            module.mote_B = nn.ParameterList(
+                [nn.Parameter(torch.zeros(d, n * self.r, dtype=dtype), requires_grad=False) for d in sizes])
+            module.register_forward_hook(self._hook)
+            self.expert_names[f"inner.{name}"] = tuple(f"{name.rsplit('.', 1)[0]}.{s}" for s in subs)
+
+    def _hook(self, module, args, output):
+        x, gate = args[0], self.routing.gate
+        out, bias = output if isinstance(output, tuple) else (output, None)
+        h = torch.einsum("td,srd->tsr", x.to(module.mote_A.dtype), module.mote_A) * gate.to(module.mote_A.dtype)[:, None, :]
+        delta = torch.cat([h[:, s] @ b.T for s, b in enumerate(module.mote_B)], dim=-1) * self.scaling
+        out = out + delta.to(out.dtype)
+        return (out, bias) if isinstance(output, tuple) else out
+
+    def _gate(self, experts: torch.Tensor) -> torch.Tensor:
+        """(tokens,) expert index -> (tokens, (E+1)·r): α on the expert block, 1−α on the shared one."""
+        g = nn.functional.one_hot(experts, self.K + 1).to(torch.float32) * self.alpha
+        g[:, -1] = 1.0 - self.alpha
+        return g.repeat_interleave(self.r, dim=-1)
+
+    # -- vLLM model interface -------------------------------------------------------------------------
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_input_ids(input_ids % self.V)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if input_ids is None:
+            raise RuntimeError("the MoTE model routes by token id: it needs input_ids, not only embeddings")
+        experts = (input_ids // self.V).clamp(max=self.K - 1).long()
+        self.routing.gate = self._gate(experts)
+        return self.inner(input_ids % self.V, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        logits = self.inner.compute_logits(hidden_states)
+        return None if logits is None else logits.repeat(1, self.K)  # copy k = token ids read by expert k
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        experts: dict[str, torch.Tensor] = {}
+
+        def base():
+            for name, w in weights:
+                if name.startswith(EXPERT_PREFIX):
+                    experts[name.removeprefix(EXPERT_PREFIX)] = w
+                else:
+                    yield name, w
+
+        loaded = {f"inner.{n}" for n in self.inner.load_weights(base())}
+        return loaded | self._load_experts(experts)
+
+    def _load_experts(self, tensors: dict[str, torch.Tensor]) -> set[str]:
+        """Our stacked (sub, (E+1)·r, d_in) A and per-sub (d_out, (E+1)·r) B from training's per-layer A/B."""
+        loaded, modules = set(), dict(self.named_modules())
+        for pname, subs in self.expert_names.items():
+            module = modules[pname]
+            for s, sub in enumerate(subs):
+                a, b = tensors.pop(f"{sub}.lora_A", None), tensors.pop(f"{sub}.lora_B", None)
+                if a is None or b is None:
+                    continue  # this sub-projection was not a target: its expert stays zero (exact)
+                with torch.no_grad():  # training: A (E+1, r, d_in), B (d_out, E+1, r)
+                    module.mote_A[s].copy_(a.reshape(-1, a.shape[-1]))
+                    module.mote_B[s].copy_(b.reshape(b.shape[0], -1))
+            loaded |= {f"{pname}.mote_A"} | {f"{pname}.mote_B.{i}" for i in range(len(subs))}
+        if tensors:
+            raise ValueError(f"expert tensors for layers this model does not have: {sorted(tensors)[:3]}")
+        return loaded
+
+
+class MoTELogitsProcessor:
+    """Keeps only the request's expert copy of the tiled logits (and bans its `mote_banned` ids).
+
+    Per request via `SamplingParams.extra_args = {"mote_expert": k, "mote_banned": [...]}`; requests
+    without `mote_expert` are left alone (stage choices use `allowed_token_ids` on tagged ids). One
+    class serves both vLLM runners — V1 (`update_state`/`apply(logits)`, the CPU runner without
+    Triton) and V2 (`add_request`/`apply(logits, ctx)`, the GPU default) — because vLLM decides which
+    runner to use inside the engine (Triton, feature set), after the processor is chosen.
+    """
+
+    def __init__(self, vllm_config, *args):
+        self.V = int(vllm_config.model_config.hf_config.mote["base_vocab_size"])
+        self.K = int(vllm_config.model_config.hf_config.mote["n_experts"])
+        self.req: dict[int, tuple[int, tuple[int, ...]]] = {}  # batch index (V1) or slot (V2) -> (expert, banned)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        extra = sampling_params.extra_args or {}
+        if "mote_expert" in extra and not isinstance(extra["mote_expert"], int):
+            raise ValueError(f"mote_expert must be an int expert index, got {extra['mote_expert']!r}")
+
+    @staticmethod
+    def _state(params):
+        extra = params.extra_args or {}
+        return None if extra.get("mote_expert") is None else (int(extra["mote_expert"]), tuple(extra.get("mote_banned", ())))
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # V1 runner
+    def update_state(self, batch_update) -> None:
+        from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+
+        if batch_update is None:
+            return
+        for i in batch_update.removed:
+            self.req.pop(i, None)
+        for i, params, _, _ in batch_update.added:
+            state = self._state(params)
+            self.req.pop(i, None) if state is None else self.req.__setitem__(i, state)
+        for a, b, direction in batch_update.moved:
+            sa, sb = self.req.pop(a, None), self.req.pop(b, None)
+            if sa is not None:
+                self.req[b] = sa
+            if sb is not None and direction == MoveDirectionality.SWAP:
+                self.req[a] = sb
+
+    # V2 runner
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        state = self._state(sampling_params)
+        self.req.pop(req_idx, None) if state is None else self.req.__setitem__(req_idx, state)
+        return state is not None
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if not self.req:
+            return logits
+        rows = range(logits.shape[0]) if ctx is None else ctx.expanded_idx_mapping.tolist()
+        for row, key in enumerate(rows):
+            state = self.req.get(key)
+            if state is None:
+                continue
+            k, banned = state
+            lo, hi = k * self.V, (k + 1) * self.V
+            logits[row, :lo] = float("-inf")
+            logits[row, hi:] = float("-inf")
+            if banned:
+                logits[row, [lo + t for t in banned]] = float("-inf")
+        return logits
+
+
+def _as_both_interfaces():
+    """MoTELogitsProcessor registered as a subclass of both runners' abstract interfaces."""
+    from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+
+    V1.register(MoTELogitsProcessor)
+    V2.register(MoTELogitsProcessor)
+    return MoTELogitsProcessor
+
+
+def register() -> None:
+    """`vllm.general_plugins` entry point: vLLM calls it in every process that builds models."""
+    from vllm import ModelRegistry
+
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, "mote_ray.mote.vllm_model:MoTEForCausalLM")
+    _as_both_interfaces()
