@@ -95,20 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("chat", help="run the reference MoTE generator on a trained model and print the stages")
+    c = sub.add_parser("chat", help="answer one prompt with a trained MoTE model and print the stages")
     c.add_argument("prompt")
     c.add_argument("--model", required=True, help="a `mote-ray train` output directory")
+    c.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"],
+                   help="auto: the vLLM MoTE engine where vLLM can load the model, else the transformers reference")
     c.add_argument("--mode", default="adaptive", choices=["adaptive", "direct", "analysis", "full"])
     c.add_argument("--max-tokens", type=int, default=64, help="per stage")
     c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--json", action="store_true", help="print one JSON object (answer, stages, engine) last")
     c.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="serve a trained MoTE model: OpenAI-compatible API on Ray Serve (blocks)")
     sv.add_argument("--model", required=True, help="a `mote-ray train` output directory")
-    sv.add_argument("--path", default="exact", choices=["exact", "fast"],
-                    help="exact: token-routed MoTE, one KV cache (matches `mote-ray chat`); "
-                         "fast: per-stage LoRA adapters on vLLM/transformers, re-prefilled per stage")
-    sv.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"], help="fast path's engine")
+    sv.add_argument("--path", default="exact", choices=["exact", "lora"],
+                    help="exact: the token-routed MoTE model (vLLM where it loads, else the transformers reference); "
+                         "lora: per-stage folded LoRA adapters, each stage re-reads the prefix (inexact, for comparison)")
+    sv.add_argument("--engine", default="auto", choices=["auto", "vllm", "transformers"],
+                    help="auto: vLLM where it can load the model, else transformers")
     sv.add_argument("--replicas", type=int, help="fixed expert replica count (default: autoscaling)")
     sv.add_argument("--expert-cpus", type=float, help="CPUs per expert replica (default 1)")
     sv.add_argument("--port", type=int, default=8000)
@@ -406,21 +410,23 @@ def cmd_train(args) -> int:
 def cmd_chat(args) -> int:
     from pathlib import Path
 
-    from mote_ray.chat import encode
     from mote_ray.errors import MoteError
-    from mote_ray.mote.export import load_mote
-    from mote_ray.mote.generate import MoTEGenerator
-    from mote_ray.records import GenerationRequest
+    from mote_ray.mote.offline import OfflineMoTE
 
     if not Path(args.model).is_dir():
         raise MoteError(f"no trained model at {args.model} (expected a `mote-ray train` output directory)")
-    model, tok = load_mote(args.model)
-    gen = MoTEGenerator(model, tok)
-    ids = encode(tok, GenerationRequest(messages=[{"role": "user", "content": args.prompt}]))
+    mote = OfflineMoTE(args.model, args.engine)
+    print(f"mote-ray: engine {mote.name} ({mote.why})", file=sys.stderr)
     limits = {s: args.max_tokens for s in ("analysis", "guidance", "answer")}
-    out = gen.generate(ids, mode=args.mode, limits=limits, temperature=args.temperature)
-    for stage, text in out.stages.items():
-        print(f"[{stage}] {text}")
+    out = mote.generate_many([mote.encode_chat(args.prompt)], mode=args.mode, limits=limits,
+                             temperature=args.temperature)[0]
+    mote.close()
+    if args.json:
+        print(json.dumps({"answer": out.answer, "stages": out.stages, "engine": mote.name,
+                          "finish_reason": out.finish_reason, "completion_tokens": len(out.token_ids)}))
+    else:
+        for stage, text in out.stages.items():
+            print(f"[{stage}] {text}")
     return 0
 
 

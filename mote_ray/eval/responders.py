@@ -92,37 +92,36 @@ class EvalEngineStage:
 
 
 class MoTEResponder:
-    """Ray Data actor: answers with the exact MoTE generator in a fixed mode."""
+    """Ray Data actor: answers with the trained MoTE model in a fixed mode, every row of a batch at
+    once — on the vLLM MoTE engine where vLLM can load it, else the batched transformers reference."""
 
-    def __init__(self, model_dir: str, mode: str, limits: dict, threads: int | None = None):
+    def __init__(self, model_dir: str, mode: str, limits: dict, engine: str = "auto", threads: int | None = None):
         import torch
 
-        from mote_ray.mote.export import load_mote
-        from mote_ray.mote.generate import MoTEGenerator
+        from mote_ray.mote.offline import OfflineMoTE
 
         if threads:
             torch.set_num_threads(threads)
-        model, self.tok = load_mote(model_dir)
-        self.gen, self.mode, self.limits = MoTEGenerator(model, self.tok), mode, limits
+        self.mote, self.mode, self.limits = OfflineMoTE(model_dir, engine), mode, limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from mote_ray.chat import encode
-        from mote_ray.records import GenerationRequest
-
-        rows = batch.to_pylist()
-        room = self.gen.model.lm.config.max_position_embeddings - sum(self.limits.values()) - 6  # + stage tokens
+        rows, todo = batch.to_pylist(), []
+        room = self.mote.spec.max_len - sum(self.limits.values()) - 6  # + stage tokens
         for r in rows:
-            t0 = time.perf_counter()
-            ids = encode(self.tok, GenerationRequest(messages=[{"role": "user", "content": r["prompt"]}]))
+            ids = self.mote.encode_chat(r["prompt"])
             if len(ids) > room:
                 r.update(response=None, stages=[], completion_tokens=None, seconds=0.0,
                          error=f"prompt has {len(ids)} tokens; this model has room for {room} with its stage limits")
-                continue
-            out = self.gen.generate(ids, mode=self.mode, limits=self.limits)
+            else:
+                todo.append((r, ids))
+        t0 = time.perf_counter()
+        outs = self.mote.generate_many([ids for _, ids in todo], mode=self.mode, limits=self.limits)
+        seconds = (time.perf_counter() - t0) / max(1, len(todo))  # the batch's wall time, shared
+        for (r, _), out in zip(todo, outs):
             r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
-                     seconds=time.perf_counter() - t0, error=None)
+                     seconds=seconds, error=None, engine=self.mote.name)
         record_eval_answered(rows)
-        return pa.Table.from_pylist(rows)
+        return pa.Table.from_pylist([{"engine": self.mote.name, **r} for r in rows])
 
 
 class EndpointResponder:
@@ -194,8 +193,9 @@ def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits:
             r.pop("messages", None)
             r.pop("adapter", None)
     elif spec.kind == "mote":
-        out = map_engine(ds, EngineConfig(), pool, stage=MoTEResponder, stage_kwargs=dict(
-            model_dir=str(spec.target), mode=spec.mode, limits=limits or {"answer": max_tokens})).take_all()
+        out = map_engine(ds, EngineConfig(), PoolConfig(batch_size=64), stage=MoTEResponder, stage_kwargs=dict(
+            model_dir=str(spec.target), mode=spec.mode, limits=limits or {"answer": max_tokens},
+            engine=spec.engine)).take_all()
     else:
         out = ds.map_batches(EndpointResponder, fn_constructor_kwargs=dict(
             url=spec.target, model=spec.served_model, max_tokens=max_tokens, api_key=api_key, mote_mode=spec.mode),

@@ -43,6 +43,8 @@ class StageRequest:
     choices: tuple[tuple[int, int], ...] = ()  # stage choice: (start token, its expert) pairs, one is picked
     temperature: float = 0.0
     top_p: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's penalties, over the tokens this request has generated
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stage: str | None = None  # the stage being written (None for a choice), for streaming
 
@@ -70,6 +72,7 @@ class MoTEOutput:
     cached_tokens: int = 0  # prompt tokens of this chain's requests served from the prefix cache
     requested_tokens: int = 0  # prompt tokens of this chain's requests (the hit rate's denominator)
     requests: int = 0
+    stop_string: bool = False  # the answer was cut at a `stop` string
 
     @property
     def answer(self) -> str:
@@ -91,8 +94,14 @@ class ChainSpec:
 
 def chain(spec: ChainSpec, prompt_ids: Sequence[int], decode: Callable[[list[int]], str], *,
           mode: Mode = "adaptive", limits: dict[str, int] | None = None, temperature: float = 0.0,
-          top_p: float = 1.0, seed: int | None = None) -> Chain:
-    """The stage rules (module docstring). Returns the MoTEOutput when the chain ends."""
+          top_p: float = 1.0, seed: int | None = None, max_tokens: int | None = None, stop: Sequence[str] = (),
+          presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> Chain:
+    """The stage rules (module docstring). Returns the MoTEOutput when the chain ends.
+
+    OpenAI semantics on top: `max_tokens` bounds the whole completion (every stage, stage tokens
+    included), `stop` strings end the answer (the text a client receives) before the first of them,
+    and the penalties count the tokens of the stage being written (each stage is its own text).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     limits = {**DEFAULT_LIMITS, **(limits or {})}
@@ -106,6 +115,7 @@ def chain(spec: ChainSpec, prompt_ids: Sequence[int], decode: Callable[[list[int
         nonlocal step
         step += 1
         return StageRequest(tokens=tuple(tokens), experts=tuple(experts), temperature=temperature, top_p=top_p,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                             seed=None if seed is None else seed + step - 1, **kw)
 
     def account(req: StageRequest, res: StageResult) -> None:
@@ -115,6 +125,9 @@ def chain(spec: ChainSpec, prompt_ids: Sequence[int], decode: Callable[[list[int
 
     while "answer" not in out.stages:
         room = None if spec.max_len is None else spec.max_len - len(tokens) - 2  # - choice/start - forced end
+        if max_tokens is not None:  # the completion's budget: start + text + end of this stage
+            left = max_tokens - len(out.token_ids) - 2
+            room = left if room is None else min(room, left)
         if room is not None and room < 1:
             out.finish_reason = "length"  # the context is full: nothing more can be written
             break
@@ -148,15 +161,23 @@ def chain(spec: ChainSpec, prompt_ids: Sequence[int], decode: Callable[[list[int
         experts += [k] * len(res.token_ids)
         out.token_ids += res.token_ids
         out.stages[stage] = decode(list(res.token_ids))
+        if stage == "answer" and stop and (cut := _first_stop(out.stages[stage], stop)) is not None:
+            out.stages[stage] = out.stages[stage][:cut]  # OpenAI: the text ends before the stop string
+            out.stop_string = True
         if res.token_ids:
             out.stage_tokens[stage] = len(res.token_ids)
         if res.stop_token is not None and res.stop_token == spec.eos:
             out.token_ids.append(spec.eos)  # EOS inside a stage closes the chain
             break
-        if res.finish_reason == "length" and (stage == "answer" or budget < limits[stage]):
+        if res.finish_reason == "length" and (stage == "answer" or budget < limits[stage]) and not out.stop_string:
             out.finish_reason = "length"
         tokens.append(end), experts.append(k), out.token_ids.append(end)  # forced after `limit` tokens
     return out
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None
 
 
 def run_chains(run: Callable[[list[StageRequest]], list[StageResult]], chains: Sequence[Chain]) -> list[MoTEOutput]:

@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 from mote_ray.errors import MoteError
 from mote_ray.mote.chain import ChainSpec, StageRequest, StageResult
 
-OnTokens = Callable[[list[int]], Awaitable[None]]
+OnTokens = Callable[[list[int]], Awaitable[bool]]  # True: end the request here
 
 
 def mote_meta(model_dir: str | Path) -> dict:
@@ -38,7 +38,8 @@ def _to_vllm(req: StageRequest, V: int, per_request_seed: bool, max_len: int):
 
     prompt = TokensPrompt(prompt_token_ids=[t + e * V for t, e in zip(req.tokens, req.experts)])
     kw = dict(max_tokens=max(1, min(req.max_tokens, max_len - len(req.tokens))), temperature=req.temperature,
-              top_p=req.top_p, seed=req.seed if per_request_seed else None, detokenize=False)
+              top_p=req.top_p, seed=req.seed if per_request_seed else None, detokenize=False,
+              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
     if req.is_choice:  # each start token in its own expert's copy: the pick is already tagged
         kw["allowed_token_ids"] = [t + e * V for t, e in req.choices]
     else:
@@ -138,18 +139,31 @@ class AsyncVLLMMoTEEngine:
         self._ids = 0
 
     async def run_stage(self, req: StageRequest, on_tokens: OnTokens | None = None) -> StageResult:
+        """Run one stage request; `on_tokens(new_ids)` sees its tokens as they come and may return
+        True to end it there (a stop string). Cancelled or failed: the engine request is aborted."""
         prompt, params = _to_vllm(req, self.V, self.per_request_seed, self.max_len)
         self._ids += 1
-        seen, final, cached = 0, None, 0
-        async for out in self.llm.generate(prompt, params, request_id=f"mote-{os.getpid()}-{self._ids}"):
-            final, cached = out.outputs[0], out.num_cached_tokens or cached
-            if on_tokens is not None and not req.is_choice:
-                new = [t % self.V for t in final.token_ids[seen:]]
-                seen = len(final.token_ids)
-                new = [t for t in new if t not in req.stop_ids]
-                if new:
-                    await on_tokens(new)
-        return _from_vllm(req, final, self.V, cached)
+        rid = f"mote-{os.getpid()}-{self._ids}"
+        seen, final, cached, stopped = 0, None, 0, False
+        try:
+            async for out in self.llm.generate(prompt, params, request_id=rid):
+                final, cached = out.outputs[0], out.num_cached_tokens or cached
+                if on_tokens is not None and not req.is_choice:
+                    new = [t % self.V for t in final.token_ids[seen:]]
+                    seen = len(final.token_ids)
+                    new = [t for t in new if t not in req.stop_ids]
+                    if new and await on_tokens(new):
+                        stopped = True
+                        break
+        except BaseException:
+            await self.llm.abort(rid)
+            raise
+        if stopped:
+            await self.llm.abort(rid)
+        res = _from_vllm(req, final, self.V, cached)
+        if stopped:
+            res.finish_reason = "stop"
+        return res
 
     def unfinished_requests(self) -> int:
         """Requests the engine still holds (tests assert 0 after a disconnect or a timeout)."""

@@ -68,7 +68,7 @@ class ReferenceEngine:
                 if not live[i]:
                     feed.append(self.pad)
                     continue
-                tok = _pick(logits[i], r, gens[i])
+                tok = _pick(logits[i], r, gens[i], results[i].token_ids)
                 if tok in r.stop_ids:
                     results[i].stop_token, results[i].finish_reason, live[i] = tok, "stop", False
                 else:
@@ -85,8 +85,11 @@ class ReferenceEngine:
             logits, past, next_pos = res.logits[:, -1].float(), res.past_key_values, next_pos + 1
 
 
-def _pick(logits: torch.Tensor, r: StageRequest, gen: torch.Generator | None) -> int:
+def _pick(logits: torch.Tensor, r: StageRequest, gen: torch.Generator | None, generated: list[int]) -> int:
     logits = logits.clone()
+    if generated and (r.presence_penalty or r.frequency_penalty):  # vLLM's formula, on this request's output
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[0]).to(logits)
+        logits -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits)
     if r.choices:
         keep = torch.full_like(logits, float("-inf"))
         keep[[t for t, _ in r.choices]] = 0

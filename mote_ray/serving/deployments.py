@@ -24,7 +24,7 @@ from ray import serve
 from mote_ray.serving.api import (MAX_BODY_BYTES, ApiError, ChatRequest, KeyRing, chunk, completion, error_event,
                                   messages_for_template, mote_field, parse_request, request_schema, stop_safe_len,
                                   usage)
-from mote_ray.serving.experts import ExactExpert, FastExpert
+from mote_ray.serving.experts import ExactExpert, LoraExpert
 
 log = logging.getLogger("ray.serve")  # the logger Serve replicas write to their log files and the driver
 app = FastAPI(title="mote-ray", description="OpenAI-compatible MoTE chat completions")
@@ -313,25 +313,27 @@ def build(args: dict):
 
     Without a key (api_key_env / api_keys_file) the app refuses to build unless `insecure: true` or the
     caller binds it to loopback only (`loopback_only: true`, what `mote-ray serve` passes)."""
-    import os
     from pathlib import Path
 
     from mote_ray.errors import MoteError
-    from mote_ray.serving.api import key_digest
 
     model_dir = str(Path(args["model"]).resolve())
     if not (Path(model_dir) / "mote").is_dir() or not (Path(model_dir) / "base").is_dir():
         raise MoteError(f"{args['model']} is not a `mote-ray train` output (needs mote/ and base/)")
     auth = auth_from_args(args)
-    path = args.get("path", "exact")
-    if path not in ("exact", "fast"):
-        raise MoteError(f"path must be 'exact' or 'fast', got {path!r}")
-    if path == "exact":
-        deployment, init = ExactExpert, (model_dir,)
+    path, engine = args.get("path", "exact"), args.get("engine") or "auto"
+    if path not in ("exact", "lora"):
+        hint = " (the multi-LoRA path is now `lora`; `exact` is the fast one)" if path == "fast" else ""
+        raise MoteError(f"path must be 'exact' or 'lora', got {path!r}{hint}")
+    if path == "exact":  # vLLM's MoTE model where it can load it, else the batched reference
+        from mote_ray.mote.engine import pick_engine
+
+        pick_engine(model_dir, engine)  # fails here, with the reason, for --engine vllm where vLLM cannot run
+        deployment, init = ExactExpert, (model_dir, engine)
     else:
         if not (Path(model_dir) / "adapters").is_dir():
-            raise MoteError(f"{args['model']} has no adapters/ (the fast path serves the exported per-stage adapters)")
-        deployment, init = FastExpert, (model_dir, args.get("engine") or "auto")
+            raise MoteError(f"{args['model']} has no adapters/ (the lora path serves the exported per-stage adapters)")
+        deployment, init = LoraExpert, (model_dir, engine)
     if replicas := args.get("replicas"):  # a fixed count instead of autoscaling
         deployment = deployment.options(num_replicas=int(replicas), autoscaling_config=None)
     if cpus := args.get("expert_cpus"):  # e.g. 0.5 to fit two replicas and the router on 2 CPUs

@@ -1,148 +1,199 @@
 """Expert deployments: the replicas that run MoTE chains (the router in deployments.py calls them).
 
-ExactExpert holds the token-routed MoTE model (mote/generate.py): every stage of a request runs in
-one replica with one KV cache, each token through its own expert — the exact path. FastExpert holds
-one engine (vLLM when it can run the model, else transformers) with the per-stage adapters, all
-stages multiplexed on it by adapter name (mote/fast.py) — the fast path.
+ExactExpert is the exact token-routed model (every token read by its own stage expert). On vLLM
+(`--engine auto` where it can load the model) it runs the MoTE model class on `AsyncLLM`:
+concurrent requests' stages are continuously batched, each stage's tokens stream as they come, and
+a request that is cancelled (client gone, timeout) aborts its engine request at once. Elsewhere it
+runs the batched transformers reference: concurrent requests' stage requests are batched by
+`serve.batch` (no lock, no batch of one) and stream a stage at a time.
+LoraExpert is the old inexact multi-LoRA path (`--path lora`), for comparison.
+Both drive the one chain driver (mote/chain.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-import uuid
 
 from ray import serve
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="ExactExpert", ray_actor_options={"num_cpus": 1},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4})
-class ExactExpert:
-    def __init__(self, model_dir: str):
-        import torch
+class _ChainServer:
+    """What both expert deployments do with a request: build its chain, drive it, stream it."""
 
-        from mote_ray.mote.export import load_mote
-        from mote_ray.mote.generate import MoTEGenerator
+    def _setup(self, model_dir: str, max_len: int) -> None:
+        from mote_ray.chat import load_tokenizer
+        from mote_ray.models import resolve_model
+        from mote_ray.mote.engine import chain_spec_for
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        model, self.tok = load_mote(model_dir)
-        self.gen = MoTEGenerator(model, self.tok)
-        self.lock = threading.Lock()  # one generation at a time per replica (CPU-bound)
+        self.tok = load_tokenizer(resolve_model(f"{model_dir}/base"))
+        self.spec = chain_spec_for(model_dir, self.tok, max_len)
+        self.specials = {t for pair in self.spec.stage_ids.values() for t in pair}
 
-    def generate(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None) -> dict:
+    def _chain(self, ids, mode, limits, temperature, seed, sampling):
+        from mote_ray.mote.chain import chain
+
+        s = dict(sampling or {})
+        unknown = set(s) - {"max_tokens", "top_p", "stop", "presence_penalty", "frequency_penalty"}
+        if unknown:
+            raise ValueError(f"unsupported sampling keys {sorted(unknown)}")
+        return chain(self.spec, ids, self.decode, mode=mode, limits=limits, temperature=temperature, seed=seed,
+                     max_tokens=s.get("max_tokens"), top_p=s.get("top_p", 1.0), stop=tuple(s.get("stop") or ()),
+                     presence_penalty=s.get("presence_penalty", 0.0), frequency_penalty=s.get("frequency_penalty", 0.0))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    async def _run(self, steps, on_text=None, stop=()):
+        """Drive a chain; `on_text(stage, delta)` gets each stage's text as it grows. With `stop`
+        strings the answer's engine request ends as soon as one appears (the chain cuts the text)."""
+        from mote_ray.mote.chain import _first_stop, drive
+
+        hold = max((len(s) - 1 for s in stop), default=0)
+
+        async def run(req):
+            if req.is_choice or (on_text is None and not (stop and req.stage == "answer")):
+                return await self._stage(req, None)
+            shown, toks = "", []
+
+            async def on_tokens(new) -> bool:
+                nonlocal shown
+                toks.extend(new)
+                text, hit = self.decode(toks), False
+                if req.stage == "answer" and stop:
+                    cut = _first_stop(text, stop)
+                    if cut is not None:
+                        text, hit = text[:cut], True
+                    else:  # a stop string may be forming at the end: hold that tail back
+                        text = text[:max(len(shown), len(text) - hold)]
+                if on_text is not None and len(text) > len(shown):
+                    await on_text(req.stage, text[len(shown):])
+                    shown = text
+                return hit
+
+            res = await self._stage(req, on_tokens)
+            final = self.decode(res.token_ids)
+            if req.stage == "answer" and stop and (cut := _first_stop(final, stop)) is not None:
+                final = final[:cut]
+            if on_text is not None and len(final) > len(shown) and final.startswith(shown):
+                await on_text(req.stage, final[len(shown):])
+            return res
+
+        return await drive(run, steps)
+
+    async def generate(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None,
+                       sampling: dict | None = None) -> dict:
         t0 = time.perf_counter()
-        with self.lock:
-            out = self.gen.generate(ids, mode=mode, limits=limits, temperature=temperature, seed=seed)
-        return _result(out, ids, t0)
+        return _result(await self._run(self._chain(ids, mode, limits, temperature, seed, sampling)), ids, t0, self.name)
 
-    def stream(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None):
-        """Yields {"stage", "delta"} as text grows, then {"done": result}."""
-        q: queue.Queue = queue.Queue()
-        texts: dict[str, list[int]] = {}
-        shown: dict[str, str] = {}
-
-        def on_token(stage, token):
-            if stage is None or token in self.gen.start_to_stage or token in {e for _, e in self.gen.ids.values()}:
-                return
-            texts.setdefault(stage, []).append(token)
-            text = self.tok.decode(texts[stage], skip_special_tokens=True)
-            delta, shown[stage] = text[len(shown.get(stage, "")):], text
-            if delta:
-                q.put({"stage": stage, "delta": delta})
-
-        def run():
-            try:
-                with self.lock:
-                    out = self.gen.generate(ids, mode=mode, limits=limits, temperature=temperature, seed=seed,
-                                            on_token=on_token)
-                q.put({"done": _result(out, ids)})
-            except Exception as e:  # surfaced to the client as a clean error
-                q.put({"error": f"{type(e).__name__}: {e}"})
-
-        threading.Thread(target=run, daemon=True).start()
-        while True:
-            item = q.get()
-            yield item
-            if "done" in item or "error" in item:
-                return
-
-    def check_health(self):
-        if self.gen is None:
-            raise RuntimeError("no model loaded")
-
-
-def _result(out, ids: list[int], t0: float | None = None) -> dict:
-    return {"answer": out.answer, "stages": out.stages, "stage_tokens": out.stage_tokens,
-            "stage_seconds": out.stage_seconds, "finish_reason": out.finish_reason, "prompt_tokens": len(ids), "completion_tokens": len(out.token_ids),
-            "token_ids": out.token_ids, "seconds": time.perf_counter() - t0 if t0 else None}
-
-
-@serve.deployment(name="FastExpert", ray_actor_options={"num_cpus": 1},
-                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
-class FastExpert:
-    """Stage-by-stage chains on one engine; concurrent requests' steps are batched by `serve.batch`."""
-
-    def __init__(self, model_dir: str, engine: str = "auto"):
-        import json
-        from pathlib import Path
-
-        from mote_ray.mote.fast import load_fast_engine
-        from mote_ray.mote.routing import stage_token_ids
-
-        self.engine = load_fast_engine(model_dir, engine=engine)
-        self.tok = self.engine.tokenizer
-        self.stage_ids = stage_token_ids(self.tok)
-        meta = json.loads((Path(model_dir) / "mote" / "mote_config.json").read_text())
-        self.prompt_expert = meta["mote"].get("inference_prompt_expert", "answer")
-        log.info("FastExpert engine: %s (%s)", self.engine.name, self.engine.choice_reason)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _step(self, requests: list) -> list:
-        # Off the event loop, so health checks and new requests are accepted while it runs.
-        return await asyncio.to_thread(self.engine.generate, requests)
-
-    async def _run(self, ids, mode, limits, temperature, seed, on_stage=None):
-        from mote_ray.mote.fast import chain
-
-        steps = chain(ids, self.stage_ids, self.tok.eos_token_id, mode=mode, limits=limits, temperature=temperature,
-                      seed=seed, prompt_expert=self.prompt_expert)
-        request, rid = next(steps), uuid.uuid4().hex
-        while True:
-            res = await self._step(request.model_copy(update={"id": rid}))
-            if on_stage and request.sampling.stop_token_ids:  # a stage's text, not a stage choice
-                await on_stage(request.adapter, res.text)
-            try:
-                request = steps.send(res)
-            except StopIteration as stop:
-                return stop.value
-
-    async def generate(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None) -> dict:
-        t0 = time.perf_counter()
-        return _result(await self._run(ids, mode, limits, temperature, seed), ids, t0)
-
-    async def stream(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None):
-        """Stage by stage: {"stage", "delta"} as each stage completes, then {"done": result}."""
+    async def stream(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None,
+                     sampling: dict | None = None):
+        """Yields {"stage", "delta"} as each stage's text grows, then {"done": result} (or {"error"})."""
         q: asyncio.Queue = asyncio.Queue()
+        steps = self._chain(ids, mode, limits, temperature, seed, sampling)
+        stop = tuple((sampling or {}).get("stop") or ())
 
-        async def on_stage(stage, text):
-            if text:
-                await q.put({"stage": stage, "delta": text})
+        async def on_text(stage, delta):
+            await q.put({"stage": stage, "delta": delta})
 
         async def run():
             try:
-                await q.put({"done": _result(await self._run(ids, mode, limits, temperature, seed, on_stage), ids)})
-            except Exception as e:
+                await q.put({"done": _result(await self._run(steps, on_text, stop), ids, None, self.name)})
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # surfaced to the client as a clean error event
                 await q.put({"error": f"{type(e).__name__}: {e}"})
 
         task = asyncio.create_task(run())
-        while True:
-            item = await q.get()
-            yield item
-            if "done" in item or "error" in item:
-                await task
-                return
+        try:
+            while True:
+                item = await q.get()
+                yield item
+                if "done" in item or "error" in item:
+                    return
+        finally:  # the client went away (or the router timed out): stop the chain and its engine request
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+@serve.deployment(name="ExactExpert", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32})
+class ExactExpert(_ChainServer):
+    def __init__(self, model_dir: str, engine: str = "auto", max_batch: int = 32):
+        import json
+        from pathlib import Path
+
+        from mote_ray.mote.engine import AsyncVLLMMoTEEngine, pick_engine, reference_engine
+
+        choice, why = pick_engine(model_dir, engine)
+        if choice == "vllm":
+            self.engine = AsyncVLLMMoTEEngine(model_dir)
+            max_len = self.engine.max_len
+        else:
+            self.engine = reference_engine(model_dir, max_batch=max_batch)
+            max_len = json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
+        self.name = self.engine.name
+        self._setup(model_dir, max_len)
+        log.info("ExactExpert engine: %s (%s)", self.name, why)
+
+    async def _stage(self, req, on_tokens):
+        if self.name == "vllm":
+            return await self.engine.run_stage(req, on_tokens)
+        res = await self._batched(req)
+        if on_tokens is not None and res.token_ids:
+            await on_tokens(list(res.token_ids))
+        return res
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list) -> list:
+        # Off the event loop, so health checks and new requests are accepted while a batch runs.
+        return await asyncio.to_thread(self.engine.run, requests)
+
+    def engine_stats(self) -> dict:
+        """The engine's own count of requests it still holds (vLLM), for fault tests and readiness."""
+        n = self.engine.unfinished_requests() if self.name == "vllm" else None
+        return {"engine": self.name, "unfinished_requests": n}
+
+    def check_health(self):
+        if self.name == "vllm" and getattr(self.engine.llm, "errored", False):
+            raise RuntimeError("the vLLM engine has died")
+
+
+@serve.deployment(name="LoraExpert", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16})
+class LoraExpert(_ChainServer):
+    """The inexact multi-LoRA path (one folded adapter per stage on one engine), kept for comparison."""
+
+    def __init__(self, model_dir: str, engine: str = "auto"):
+        from mote_ray.mote.engine import LoraStageEngine
+
+        self.engine = LoraStageEngine(model_dir, engine=engine)
+        self.name = self.engine.name
+        self._setup(model_dir, self.engine.engine.config.max_model_len)
+        log.info("LoraExpert engine: %s", self.name)
+
+    async def _stage(self, req, on_tokens):
+        res = await self._batched(req)
+        if on_tokens is not None and res.token_ids:
+            await on_tokens(list(res.token_ids))
+        return res
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list) -> list:
+        return await asyncio.to_thread(self.engine.run, requests)
+
+    def engine_stats(self) -> dict:
+        return {"engine": self.name, "unfinished_requests": None}
+
+
+def _result(out, ids: list[int], t0: float | None, engine: str) -> dict:
+    return {"answer": out.answer, "stages": out.stages, "stage_tokens": out.stage_tokens,
+            "stage_seconds": out.stage_seconds, "finish_reason": out.finish_reason, "prompt_tokens": len(ids),
+            "completion_tokens": len(out.token_ids), "token_ids": out.token_ids,
+            "cached_tokens": out.cached_tokens, "requested_tokens": out.requested_tokens, "engine": engine,
+            "answer_missing": "answer" not in out.stages,
+            "seconds": time.perf_counter() - t0 if t0 else None}

@@ -170,6 +170,10 @@ def export_run(config: TrainConfig, model_path: str, checkpoint, out: Path, n_ro
     tok.save_pretrained(out / "tokenizer")
     adapters = export_adapters(model, tok, out / "adapters", base)
     save_mote(model, out / "mote", base)
+    if config.method == "mote":  # the directory vLLM serves the exact model from (mote/vllm_dir.py)
+        from mote_ray.mote.vllm_dir import ensure_vllm_dir
+
+        ensure_vllm_dir(out)
     history = state["history"]
     first, last = history[0], history[-1]
     val = state["val_history"][-1] if state["val_history"] else {}
