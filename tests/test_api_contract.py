@@ -4,6 +4,7 @@ hostile bodies refused with 4xx, and our response shapes against the official Op
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,48 @@ def test_completion_conforms_to_the_official_response_schema():
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
     del body["choices"][0]["logprobs"]  # the validator is not vacuous: what the old responses lacked
     assert violations(str(SPEC), "CreateChatCompletionResponse", body)
+
+
+def _model_dir(tmp_path):
+    for sub in ("mote", "base"):
+        (tmp_path / sub).mkdir()
+    return str(tmp_path)
+
+
+def test_app_without_a_key_is_refused_unless_loopback_or_insecure(tmp_path, monkeypatch):
+    from mote_ray.errors import MoteError
+    from mote_ray.serving.deployments import auth_from_args, build
+
+    with pytest.raises(MoteError, match="no API key configured"):
+        build({"model": _model_dir(tmp_path)})  # what `serve run serve/config.yaml` does without MOTE_API_KEY
+    with pytest.raises(MoteError, match="MOTE_API_KEY"):
+        auth_from_args({"api_key_env": "MOTE_API_KEY"})
+    assert auth_from_args({"insecure": True}) is None and auth_from_args({"loopback_only": True}) is None
+    monkeypatch.setenv("MOTE_API_KEY", "k")
+    assert auth_from_args({"api_key_env": "MOTE_API_KEY"}) == {"digests": [key_digest("k")], "keys_file": None}
+
+
+def test_cli_listens_beyond_loopback_only_with_a_key_or_insecure(tmp_path, capsys):
+    from mote_ray.cli import main
+
+    assert main(["serve", "--model", _model_dir(tmp_path), "--host", "0.0.0.0"]) != 0
+    assert "refusing to listen on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def test_config_yaml_requires_the_key_it_names():
+    import yaml
+
+    args = yaml.safe_load((Path(__file__).parents[1] / "serve/config.yaml").read_text())
+    app = args["applications"][0]["args"]
+    assert app["api_key_env"] == "MOTE_API_KEY" and app["insecure"] is False
+    assert args["http_options"]["host"] == "0.0.0.0"  # so the key is what protects it
+
+
+def test_proxy_never_forwards_the_callers_key():
+    from mote_ray.aligners.proxy import SquadProxy
+
+    proxy = SquadProxy.func_or_class.__new__(SquadProxy.func_or_class)
+    proxy.key = None
+    assert proxy._headers() == {}  # the old proxy passed the caller's Authorization upstream
+    proxy.key = "upstream-secret"
+    assert proxy._headers() == {"Authorization": "Bearer upstream-secret"}
