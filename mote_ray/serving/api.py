@@ -344,7 +344,10 @@ def mote_field(req: ChatRequest, result: dict) -> dict | None:
     if req.mote.return_stages:
         out.update({"mode": req.mote.mode, "stages": result["stages"], "stages_used": list(result["stages"]),
                     "stage_tokens": result["stage_tokens"], "token_ids": result.get("token_ids", []),
-                    "expert_seconds": result.get("seconds")})
+                    "expert_seconds": result.get("seconds"), "engine": result.get("engine"),
+                    # prompt tokens of the chain's stage requests, and how many the prefix cache served
+                    "prompt_cache": {"requested_tokens": result.get("requested_tokens", 0),
+                                     "cached_tokens": result.get("cached_tokens", 0)}})
     return out or None
 
 
