@@ -143,6 +143,16 @@ class Router:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "mote-ray"}]}
 
+    @app.get("/mote/engine")
+    async def engine(self, request: Request):
+        """One expert replica's engine and the requests it still holds (vLLM's own count): what fault
+        tests and soaks check after disconnects and timeouts (0 = nothing left running)."""
+        try:
+            self.keys.check(request.headers.get("authorization"))
+        except ApiError as e:
+            return _error_response(e)
+        return await self.expert.engine_stats.remote()
+
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": request_schema()}}}})
     async def chat(self, request: Request):
