@@ -43,7 +43,7 @@ class ModelSpec:
             return cls(label or Path(path).name, "adapter", path, engine=engine)
         if is_mote_dir(path):
             mode = mode or "adaptive"
-            return cls(label or f"{Path(path).name}@{mode}", "mote", path, mode)
+            return cls(label or f"{Path(path).name}@{mode}", "mote", path, mode, engine=engine)
         if mode:
             raise MoteError(f"{spec}: @mode applies to a `mote-ray train` output, and {path} is not one")
         target = None if path in ("", "default") else path
