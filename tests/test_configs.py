@@ -40,8 +40,8 @@ def test_serve_config_is_a_valid_serve_deploy_config():
     data = load_yaml(Path(__file__).resolve().parents[1] / "serve" / "config.yaml")
     schema = ServeDeploySchema(**data)
     app = schema.applications[0]
-    assert app.import_path == "serve.app:build_app" and app.args["path"] in ("exact", "fast")
-    assert {d.name for d in app.deployments} <= {"Router", "ExactExpert", "FastExpert"}
+    assert app.import_path == "serve.app:build_app" and app.args["path"] in ("exact", "lora")
+    assert {d.name for d in app.deployments} <= {"Router", "ExactExpert", "LoraExpert"}
     assert all(d.autoscaling_config for d in app.deployments)
 
 

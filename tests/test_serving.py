@@ -142,10 +142,10 @@ def test_exact_path_equals_reference_generator_token_for_token(client, trained):
     assert served == _reference(trained, prompts, "adaptive", limits)
 
 
-def test_fast_path_serves_stages_and_direct_mode_is_exact(trained):
+def test_lora_path_serves_stages_and_direct_mode_is_exact(trained):
     from openai import OpenAI
 
-    with LocalServer(["--model", str(trained), "--path", "fast", "--replicas", "1"]) as srv:
+    with LocalServer(["--model", str(trained), "--path", "lora", "--replicas", "1"]) as srv:
         client = OpenAI(base_url=srv.base_url + "/v1", api_key="none")
         limits = {"analysis": 8, "guidance": 8, "answer": 12}
         for mode, stages in [("direct", ["answer"]), ("analysis", ["analysis", "answer"]),
@@ -163,7 +163,38 @@ def test_fast_path_serves_stages_and_direct_mode_is_exact(trained):
         # Direct mode reads the prompt with the answer expert on both paths: the same greedy tokens.
         prompts = [f"Question {i}?" for i in range(4)]
         assert [_token_ids(client, p, "direct", limits) for p in prompts] == _reference(trained, prompts, "direct", limits)
-        assert "engine: vllm" in srv.output() or "engine: transformers" in srv.output()
+        assert "LoraExpert engine: lora/" in srv.output()
+
+
+def _engine_stats(base_url, key=None):
+    req = urllib.request.Request(base_url + "/mote/engine", headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_disconnect_and_timeout_abort_the_engine_request(trained):
+    """A client that leaves mid-stream and a request that hits its timeout both leave the vLLM
+    engine holding no request (its own counter), and the engine counts them as aborted."""
+    long = {"analysis": 150, "guidance": 150, "answer": 150}
+    body = {"model": "run", "messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 1.0,
+            "seed": 1, "mote": {"mode": "full", "stage_max_tokens": long}}
+    with LocalServer(["--model", str(trained), "--replicas", "1", "--engine", "vllm", "--timeout", "0.5"]) as srv:
+        assert _engine_stats(srv.base_url)["engine"] == "vllm"
+        req = urllib.request.Request(srv.base_url + "/v1/chat/completions", method="POST",
+                                     data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=60)
+        resp.readline()  # the stream has started: the engine is generating
+        resp.close()  # the client goes away
+        status, payload = _post(srv.base_url, json.dumps(body).encode(), None)  # runs past its 0.5 s timeout
+        assert status == 504, payload
+        deadline, stats = time.monotonic() + 20, None
+        while time.monotonic() < deadline:
+            stats = _engine_stats(srv.base_url)
+            if stats["unfinished_requests"] == 0 and stats["aborted_requests"] >= 2:
+                break
+            time.sleep(0.5)
+        assert stats["unfinished_requests"] == 0 and stats["aborted_requests"] >= 2, stats
 
 
 def test_killed_expert_replica_gives_clean_503s_and_comes_back(trained):

@@ -136,7 +136,7 @@ class AsyncVLLMMoTEEngine:
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.choice_reason = "vLLM MoTE model on AsyncLLM (exact, continuous batching)"
-        self._ids = 0
+        self._ids, self.aborted = 0, 0
 
     async def run_stage(self, req: StageRequest, on_tokens: OnTokens | None = None) -> StageResult:
         """Run one stage request; `on_tokens(new_ids)` sees its tokens as they come and may return
@@ -155,7 +155,8 @@ class AsyncVLLMMoTEEngine:
                     if new and await on_tokens(new):
                         stopped = True
                         break
-        except BaseException:
+        except BaseException:  # cancelled (client gone, timeout) or failed: free the engine at once
+            self.aborted += 1
             await self.llm.abort(rid)
             raise
         if stopped:
@@ -212,7 +213,7 @@ def reference_engine(model_dir: str | Path, max_batch: int = 32):
     from mote_ray.mote.export import load_mote
     from mote_ray.mote.reference import ReferenceEngine
 
-    model, tok = load_mote(model_dir)
+    model, tok = load_mote(model_dir, device=_device())
     return ReferenceEngine(model, tok, max_batch=max_batch)
 
 

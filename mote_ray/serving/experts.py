@@ -155,8 +155,10 @@ class ExactExpert(_ChainServer):
 
     def engine_stats(self) -> dict:
         """The engine's own count of requests it still holds (vLLM), for fault tests and readiness."""
-        n = self.engine.unfinished_requests() if self.name == "vllm" else None
-        return {"engine": self.name, "unfinished_requests": n}
+        if self.name != "vllm":
+            return {"engine": self.name, "unfinished_requests": None, "aborted_requests": None}
+        return {"engine": self.name, "unfinished_requests": self.engine.unfinished_requests(),
+                "aborted_requests": self.engine.aborted}
 
     def check_health(self):
         if self.name == "vllm" and getattr(self.engine.llm, "errored", False):
