@@ -182,6 +182,9 @@ class MoTELogitsProcessor:
         self.req.pop(req_idx, None) if state is None else self.req.__setitem__(req_idx, state)
         return state is not None
 
+    def apply_staged_writes(self) -> None:  # V2: our per-request state lives on the host
+        pass
+
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if not self.req:
             return logits
