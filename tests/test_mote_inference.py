@@ -90,7 +90,7 @@ def test_reference_incremental_logits_equal_the_training_forward(random_mote, mo
 
     model, tok = random_mote
     gen = MoTEGenerator(model, tok)
-    for prompt in PROMPTS[:2]:
+    for prompt in PROMPTS[2:3]:
         ids = tok(prompt)["input_ids"]
         out = gen.generate(ids, mode=mode, limits={"analysis": 12, "guidance": 12, "answer": 16})
         seq = ids + out.token_ids
@@ -122,7 +122,7 @@ def test_batched_reference_rows_do_not_depend_on_their_neighbours(random_mote):
     model, tok = random_mote
     gen = MoTEGenerator(model, tok)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    limits = {"analysis": 16, "guidance": 16, "answer": 24}
+    limits = {"analysis": 12, "guidance": 12, "answer": 16}
     for kw in ({}, {"temperature": 0.8, "seed": 7}):
         batched = gen.generate_many(prompts, "full", limits, **kw)
         alone = [gen.generate(p, "full", limits, **kw) for p in prompts]
