@@ -131,8 +131,9 @@ class Router:
         running = state.get("replica_states", {}).get("RUNNING", 0)
         if state.get("status") not in READY_STATES or running < 1:
             return JSONResponse({"status": "not ready", "expert": name, "deployment_status": state.get("status"),
-                                 "running_replicas": running}, status_code=503)
-        return {"status": "ready", "model": self.model_name, "expert": name, "running_replicas": running}
+                                 "running_replicas": running, "inflight": self.inflight}, status_code=503)
+        return {"status": "ready", "model": self.model_name, "expert": name, "running_replicas": running,
+                "inflight": self.inflight}
 
     @app.get("/v1/models")
     def models(self, request: Request):
