@@ -138,7 +138,12 @@ def test_anchored_pairs_dpo_and_table_from_the_cli(ray_local, tiny_model, datase
                  "--out", str(tmp_path / "eval")]) == 0
     table = json.loads((tmp_path / "eval/anchored_eval.json").read_text())["models"]
     assert table["base"]["win"] == 0 and table["base"]["loss"] == 0  # the base against itself: all ties
-    assert sum(table["anchor"][k] for k in ("win", "tie", "loss")) <= 6 and 0 <= table["anchor"]["accuracy"] <= 1
+    assert sum(table["anchor"][k] for k in ("win", "tie", "loss")) <= 6
+    answers = [json.loads(line) for line in (tmp_path / "eval/answers.jsonl").open()]
+    for label in ("base", "anchor"):  # accuracy is the share of that model's answers marked correct
+        mine = [a for a in answers if a["model"] == label]
+        assert len(mine) == table[label]["n"] == 6
+        assert table[label]["accuracy"] == sum(bool(a.get("correct")) for a in mine) / 6
     assert "| anchor |" in capsys.readouterr().out
 
 
@@ -167,3 +172,30 @@ def test_reference_model_merges_a_one_lora_training_output(tiny_model, tmp_path)
     with torch.no_grad():
         assert torch.allclose(merged(x).logits, peft(x).logits, atol=1e-4)
         assert not torch.allclose(merged(x).logits, base(x).logits, atol=1e-3)
+
+
+def test_dpo_held_out_pairs_are_never_training_pairs(tmp_path):
+    from mote_ray.anchored.dpo import _read_pairs
+
+    pairs = [{"kind": "anchor", "prompt": f"q{i // 2}", "chosen": "a", "rejected": "b", "split": "train"} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+    train, held = _read_pairs(tmp_path, "anchor")
+    assert held and train and len(train) + len(held) == 20
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}  # whole prompts held out, not trained on
+    one = [dict(p, prompt="same") for p in pairs]  # one prompt: nothing can be held out honestly
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in one))
+    train, held = _read_pairs(tmp_path, "anchor")
+    assert held == [] and len(train) == 20
+
+
+def test_mark_correct_scores_gold_answers_right_and_wrong_answers_wrong():
+    from mote_ray.anchored.data import Task
+    from mote_ray.anchored.sample import mark_correct
+
+    tasks = {f"t{i}": Task(id=f"t{i}", question="q", gold="ABCD"[i % 4], choices=dict(zip("ABCD", "wxyz")))
+             for i in range(8)}
+    right = [{"task_id": t, "valid": True, "choice": task.gold} for t, task in tasks.items()]
+    wrong = [{"task_id": t, "valid": True, "choice": "ABCD"[("ABCD".index(task.gold) + 1) % 4]} for t, task in tasks.items()]
+    mark_correct(tasks, right)
+    mark_correct(tasks, wrong)
+    assert all(r["correct"] for r in right) and not any(r["correct"] for r in wrong)

@@ -40,7 +40,7 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(model=tiny_model_hd32, workers=2, max_steps=24, batch_size=4, lr=3e-3, checkpoint_every=8,
-                      mote={"r": 8, "p_skip": 0.2})
+                      warmup_ratio=0.1, val_share=0.2, mote={"r": 8, "p_skip": 0.2})
     metrics = run_train(cfg, chains, tmp_path)
     hist = metrics["history"]
     assert [h["step"] for h in hist] == list(range(1, 25))
@@ -48,7 +48,24 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
         curve = [h[f"loss_{stage}"] for h in hist if f"loss_{stage}" in h]
         assert _mean(curve[-4:]) < _mean(curve[:4]), stage
     saved = json.loads((tmp_path / "train_metrics.json").read_text())
-    assert saved["last"] == hist[-1] and saved["workers"] == 2
+    assert saved["last"] == hist[-1] and saved["workers"] == 2 and "FSDP2" in saved["sharding"]
+    # The recipe's numbers: lr schedule, clipped grad norm, per-stage validation loss on held-out prompts.
+    assert hist[0]["lr"] < hist[2]["lr"] and hist[-1]["lr"] < hist[2]["lr"]  # warm-up, then cosine decay
+    assert all(h["grad_norm"] > 0 for h in hist)
+    assert saved["split"]["val"] >= 1 and {f"val_loss_{s}" for s in ("analysis", "guidance", "answer")} <= set(saved)
+    assert [v["step"] for v in saved["val_history"]] == [20, 24]  # eval_every=20 and at the end
+    assert set(saved["not_trained_on"]) >= {"flagged", "error", f"over_max_len_{cfg.max_len}"}
+    # Sharded checkpoints: one DCP shard per rank, no pickled model file.
+    ckpt = sorted((tmp_path / "checkpoint").glob("checkpoint_*"))[-1]
+    assert {f.name for f in ckpt.glob("__*_0.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
+    # MLflow (default: a file store in OUT/mlruns) holds the run, read back with MLflow's own client.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(saved["mlflow"]["tracking_uri"])
+    logged = client.get_metric_history(saved["mlflow"]["run_id"], "loss")
+    assert [(m.step, round(m.value, 5)) for m in logged] == [(h["step"], round(h["loss"], 5)) for h in hist]
+    assert [m.step for m in client.get_metric_history(saved["mlflow"]["run_id"], "val_loss_answer")] == [20, 24]
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     assert base.get_input_embeddings().num_embeddings == 518
     for stage in ("analysis", "guidance", "answer"):
@@ -92,6 +109,20 @@ def test_killed_worker_resumes_from_checkpoint(chains, tiny_model, tmp_path):
     assert [h["step"] for h in hist] == list(range(1, 17))  # resumed where the checkpoint left off
 
 
+def test_whole_run_stop_resumes_and_seeded_runs_are_identical(ray_local, tiny_model, tmp_path):
+    """Two runs with one seed give identical losses; a run stopped after 3 steps and started again
+    with the same output continues the same loss history (model, optimizer, scheduler, data position)."""
+    write_format_chains(tmp_path / "chains", 24, question="Question number {i}?")
+    base = dict(model=tiny_model, workers=2, batch_size=4, lr=5e-3, checkpoint_every=3, val_share=0.0,
+                schedule="constant", warmup_ratio=0.0, tracking={"mlflow": None}, mote={"r": 4, "p_skip": 0.3})
+    straight = run_train(TrainConfig(**base, max_steps=6), tmp_path / "chains", tmp_path / "a")["history"]
+    first = run_train(TrainConfig(**base, max_steps=3), tmp_path / "chains", tmp_path / "b")["history"]
+    assert [h["loss"] for h in first] == [h["loss"] for h in straight[:3]]  # same seed, same losses, exactly
+    resumed = run_train(TrainConfig(**base, max_steps=6), tmp_path / "chains", tmp_path / "b")["history"]
+    assert [h["step"] for h in resumed] == list(range(1, 7)) and resumed[:3] == first
+    assert [h["loss"] for h in resumed[3:]] == pytest.approx([h["loss"] for h in straight[3:]], rel=1e-6)
+
+
 def test_generator_emits_well_formed_stages_after_format_training(ray_local, tiny_model, tmp_path):
     from mote_ray.chat import encode
     from mote_ray.mote.export import load_mote
@@ -99,8 +130,8 @@ def test_generator_emits_well_formed_stages_after_format_training(ray_local, tin
     from mote_ray.records import GenerationRequest
 
     write_format_chains(tmp_path / "chains", 32, question="Question number {i}?")
-    cfg = TrainConfig(model=tiny_model, max_steps=60, batch_size=8, lr=1e-2, checkpoint_every=60,
-                      mote={"r": 8, "p_skip": 0.0})
+    cfg = TrainConfig(model=tiny_model, max_steps=60, batch_size=8, lr=1e-2, checkpoint_every=60, val_share=0.0,
+                      schedule="constant", warmup_ratio=0.0, max_grad_norm=None, mote={"r": 8, "p_skip": 0.0})
     run_train(cfg, tmp_path / "chains", tmp_path / "run")
     model, tok = load_mote(tmp_path / "run")
     gen = MoTEGenerator(model, tok)

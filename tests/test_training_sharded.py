@@ -44,11 +44,26 @@ def _run_sharded(model_path, tmp_path, dtype="fp32"):
     return torch.load(out)
 
 
-def test_meta_init_sharded_load_gives_the_plain_logits(tiny_model, tmp_path):
+def _tied_qwen2(tokenizer_path, out):
+    """A tiny Qwen2-architecture model with tied embeddings (the stories model's are untied)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("arch", ["llama-untied", "qwen2-tied"])
+def test_meta_init_sharded_load_gives_the_plain_logits(arch, tiny_model, tmp_path):
     from mote_ray.mote.model import MoTEConfig, build_mote_model
 
-    res = _run_sharded(tiny_model, tmp_path)
-    plain, tok = build_mote_model(tiny_model, MoTEConfig(r=4), seed=3)
+    path = tiny_model if arch == "llama-untied" else _tied_qwen2(tiny_model, tmp_path / "qwen2")
+    res = _run_sharded(path, tmp_path)
+    plain, tok = build_mote_model(path, MoTEConfig(r=4), seed=3)
     ids = torch.tensor([tok("Hello there, how are you?")["input_ids"] + [tok.convert_tokens_to_ids("<|analysis|>")]])
     with torch.no_grad():
         ref = plain(ids, torch.zeros_like(ids)).logits

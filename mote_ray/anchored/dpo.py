@@ -14,6 +14,7 @@ reference and the loss is log 2 per pair. β = 0.1 by default.
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -64,7 +65,19 @@ def _read_pairs(pairs_dir: Path, kind: str) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected", "split")} for r in rows if r["kind"] == kind]
     train = [r for r in rows if r["split"] == "train"]
-    held = [r for r in rows if r["split"] == "held_out"] or train[: max(1, len(train) // 5)]
+    held = [r for r in rows if r["split"] == "held_out"]
+    if not held and len({r["prompt"] for r in train}) >= 2:
+        # No held-out pairs in the file: hold out whole prompts (every 5th by a stable hash) and do
+        # not train on them, so the reported margin is never a training-set number.
+        def out(r):
+            return zlib.crc32(r["prompt"].encode()) % 5 == 0
+
+        held, train = [r for r in train if out(r)], [r for r in train if not out(r)]
+        if not held or not train:  # the hash put every prompt on one side: hold out the first prompt
+            everything = held + train
+            first = everything[0]["prompt"]
+            held = [r for r in everything if r["prompt"] == first]
+            train = [r for r in everything if r["prompt"] != first]
     if not train:
         raise MoteError(f"no {kind} training pairs in {f}")
     return train, held
@@ -91,14 +104,15 @@ def _train_loop(cfg: dict) -> None:
                      use_cpu=not torch.cuda.is_available(), seed=cfg["seed"], dataset_num_proc=None,
                      disable_tqdm=ray.train.get_context().get_world_rank() != 0)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok,
-                         train_dataset=Dataset.from_list(cfg["train"]), eval_dataset=Dataset.from_list(cfg["held"]),
+                         train_dataset=Dataset.from_list(cfg["train"]), eval_dataset=Dataset.from_list(cfg["held"]) if cfg["held"] else None,
                          peft_config=LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules="all-linear",
                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
     trainer.add_callback(RayTrainReportCallback())
     trainer = prepare_trainer(trainer)
-    before = trainer.evaluate()
+    no_eval = {"eval_loss": None}  # no held-out pairs: say so, never fall back to training pairs
+    before = trainer.evaluate() if cfg["held"] else no_eval
     trainer.train()
-    after = trainer.evaluate()
+    after = trainer.evaluate() if cfg["held"] else no_eval
     if ray.train.get_context().get_world_rank() == 0:
         trainer.model.save_pretrained(cfg["out"] + "/adapter")
         history = [h for h in trainer.state.log_history if "loss" in h]

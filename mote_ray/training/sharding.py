@@ -89,8 +89,14 @@ def build_sharded_mote_model(model_path: str, config: MoTEConfig, mesh, *, dtype
     # Parameters on meta; buffers (rotary frequencies) real, since nothing in the checkpoint restores them.
     with init_empty_weights(include_buffers=False):
         lm = AutoModelForCausalLM.from_config(lm_config, dtype=dtype, attn_implementation="sdpa")
-        first_new = add_stage_tokens(lm, tok)
-        model = MoTEModel(lm, config, first_new)
+    # Outside the context: its patched register_parameter re-creates every assigned parameter,
+    # which would untie shared ones. New tensors here are created on their base's (meta) device.
+    first_new = add_stage_tokens(lm, tok)
+    if getattr(lm.config, "tie_word_embeddings", False):  # transformers skips tying meta tensors
+        lm.get_output_embeddings().weight = lm.get_input_embeddings().weight
+    model = MoTEModel(lm, config, first_new)
+    if any(p.device.type != "meta" for p in model.parameters()):
+        raise RuntimeError("meta-device build materialised a parameter")
     if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
