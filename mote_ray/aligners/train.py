@@ -74,8 +74,8 @@ def _train_loop(cfg: dict) -> None:
         new_ids = tok.convert_tokens_to_ids(list(MARKERS))
         model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], target_modules="all-linear",
                                                  trainable_token_indices={"embed_tokens": new_ids}))
-    if ctx.get_world_size() > 1:
-        model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()  # a GPU when the worker has one (training/workers.py)
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
 
     def encode(rows):
         ids, labels = [], []
@@ -92,10 +92,12 @@ def _train_loop(cfg: dict) -> None:
                 torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]))
 
     def loss_on(rows):
-        x, y, m = encode(rows)
+        x, y, m = (t.to(device) for t in encode(rows))
         return model(input_ids=x, attention_mask=m, labels=y).loss
 
-    train = cfg["train"][ctx.get_world_rank()::ctx.get_world_size()]
+    from mote_ray.training.workers import equal_shard
+
+    train = equal_shard(cfg["train"], ctx.get_world_rank(), ctx.get_world_size())  # same steps on every rank
     held = cfg["held"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
     model.eval()
@@ -133,11 +135,12 @@ def _train_loop(cfg: dict) -> None:
 
 
 def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict], held: list[dict], out: Path) -> dict:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from mote_ray.cluster import init_ray, train_worker_cpus
+    from mote_ray.cluster import init_ray
     from mote_ray.models import worker_path
+    from mote_ray.training.workers import scaling_config
 
     init_ray()
     base = worker_path(config.model)
@@ -145,8 +148,7 @@ def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict],
     loop = {**config.model_dump(), "base": base, "criterion": criterion, "out": str(out.resolve()),
             "train": [{k: r[k] for k in cols} for r in train], "held": [{k: r[k] for k in cols} for r in held]}
     TorchTrainer(_train_loop, train_loop_config=loop,
-                 scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False,
-                                              resources_per_worker={"CPU": train_worker_cpus(config.workers)}),
+                 scaling_config=scaling_config(config.workers),
                  run_config=RunConfig(storage_path=str(out.resolve().parent / ".ray"), name=f"aligner-{criterion}")).fit()
     return json.loads((out / "aligner_metrics.json").read_text())
 

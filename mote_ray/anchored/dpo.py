@@ -126,10 +126,11 @@ def _train_loop(cfg: dict) -> None:
 
 
 def run_dpo(config: DPOJobConfig, pairs_dir: str | Path, out: str | Path) -> dict:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from mote_ray.cluster import init_ray, train_worker_cpus
+    from mote_ray.cluster import init_ray
+    from mote_ray.training.workers import scaling_config
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,6 @@ def run_dpo(config: DPOJobConfig, pairs_dir: str | Path, out: str | Path) -> dic
     init_ray()
     loop_cfg = {**config.model_dump(), "reference": reference, "out": str(out), "train": train, "held": held}
     TorchTrainer(_train_loop, train_loop_config=loop_cfg,
-                 scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=False,
-                                              resources_per_worker={"CPU": train_worker_cpus(config.workers)}),
+                 scaling_config=scaling_config(config.workers),
                  run_config=RunConfig(storage_path=str(out / "ray"), name="dpo")).fit()
     return json.loads((out / "dpo_metrics.json").read_text())
