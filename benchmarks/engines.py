@@ -1,23 +1,33 @@
-"""Engine throughput, side by side in one run on the same model and prompts.
+"""Engine throughput and Ray Data's overhead, side by side in one run on the same model and prompts.
 
     .venv/bin/python benchmarks/engines.py  ->  benchmarks/results/engines.json
 
-tokens/s for vLLM, transformers batched, transformers one by one, and the vLLM engine inside a
-Ray Data stage vs the same engine called directly. Ray Data's overhead is measured from the
-moment its engine actor is ready (engine start-up is the same cost either way and is reported
-on its own), over the whole dataset: scheduling, batching, serialisation, collecting results.
+Every side does the same work: the same N_PROMPTS AlignCoT analysis-stage prompts, MAX_TOKENS new
+tokens each, greedy (so every side generates the same tokens).
+
+1. Throughput (tokens/s, engines started once, warm): vLLM batched, transformers batched,
+   transformers one request at a time. Sides run interleaved (vLLM, hf batched, hf single, vLLM, ...)
+   for REPEATS rounds; each ratio is computed per round and reported as the median with its spread.
+2. Ray Data overhead: the whole job through a Ray Data engine stage (actor start, engine start,
+   scheduling, batching, serialisation, collecting results) against the raw engine doing the same
+   job in a fresh process (Python start, imports, engine start, generate). Both include start-up, so
+   Ray Data cannot come out faster than the engine it wraps by construction. Ray itself is started
+   once beforehand (a cluster is up before jobs arrive). Sides alternate raw, Ray Data, raw, ...
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Timer, alpaca_prompts, model, write_result  # noqa: E402
 
-N_PROMPTS, N_HF_BATCHED, N_HF_SINGLE, MAX_TOKENS = 512, 128, 16, 128
+N_PROMPTS, MAX_TOKENS, REPEATS, OVERHEAD_REPEATS = 256, 128, 3, 3
 
 
 def messages(prompt: str) -> list[dict]:
@@ -38,72 +48,113 @@ def tokens(results) -> int:
     return sum(r.completion_tokens for r in results)
 
 
-def bench_engine(name: str, prompts: list[str], one_by_one: bool = False) -> dict:
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def throughput(prompts: list[str]) -> dict:
     from mote_ray.config import EngineConfig
     from mote_ray.engines import create_engine
 
-    with Timer() as start:
-        engine = create_engine(EngineConfig(model=model(), engine=name))
-    engine.generate(requests(prompts[:4]))  # warm-up
+    engines = {"vllm": create_engine(EngineConfig(model=model(), engine="vllm")),
+               "transformers": create_engine(EngineConfig(model=model(), engine="transformers"))}
+    for e in engines.values():
+        e.generate(requests(prompts[:64]))  # warm-up: one full transformers micro-batch (64 rows)
     reqs = requests(prompts)
-    with Timer() as t:
-        results = [engine.generate([r])[0] for r in reqs] if one_by_one else engine.generate(reqs)
-    engine.close()
-    n = tokens(results)
-    return {"prompts": len(reqs), "tokens": n, "seconds": t.seconds, "tokens_per_s": n / t.seconds,
-            "startup_s": start.seconds}
+    sides = {"vllm": lambda: engines["vllm"].generate(reqs),
+             "transformers_batched": lambda: engines["transformers"].generate(reqs),
+             "transformers_one_by_one": lambda: [engines["transformers"].generate([r])[0] for r in reqs]}
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(REPEATS):
+        for name, fn in sides.items():
+            with Timer() as t:
+                results = fn()
+            runs[name].append({"prompts": len(results), "tokens": tokens(results), "seconds": t.seconds,
+                               "tokens_per_s": tokens(results) / t.seconds})
+            print(f"{name}: {runs[name][-1]}", flush=True)
+    for e in engines.values():
+        e.close()
+    return runs
 
 
-def bench_ray_data(prompts: list[str]) -> dict:
+def raw_job(prompts: list[str]) -> dict:
+    """The whole job on the raw engine in this (fresh) process: imports, engine start, generate."""
+    t0 = time.perf_counter()
+    from mote_ray.config import EngineConfig
+    from mote_ray.engines import create_engine
+
+    engine = create_engine(EngineConfig(model=model(), engine="vllm"))
+    results = engine.generate(requests(prompts))
+    return {"prompts": len(results), "tokens": tokens(results), "seconds": time.perf_counter() - t0}
+
+
+def ray_data_job(prompts: list[str]) -> dict:
     import ray
 
-    from mote_ray.cluster import init_ray
     from mote_ray.config import EngineConfig, PoolConfig
     from mote_ray.engine_stage import map_engine
     from mote_ray.records import SamplingParams
 
-    init_ray(num_cpus=os.cpu_count())
+    t0 = time.perf_counter()
     rows = [{"id": str(i), "messages": messages(p)} for i, p in enumerate(prompts)]
     ds = map_engine(ray.data.from_items(rows), EngineConfig(model=model(), engine="vllm"),
-                    PoolConfig(batch_size=128), sampling=SamplingParams(max_tokens=MAX_TOKENS))
-    # The first batch pays engine start-up; `ready` is when the first result batch appears.
-    t0, ready, out, first_tokens = time.perf_counter(), None, [], 0
+                    PoolConfig(size=1, batch_size=N_PROMPTS), sampling=SamplingParams(max_tokens=MAX_TOKENS))
+    out = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         out.extend(batch.column("completion_tokens").to_pylist())
-        if ready is None:
-            ready, first_tokens = time.perf_counter(), sum(out)
-    end = time.perf_counter()
+    return {"prompts": len(out), "tokens": sum(out), "seconds": time.perf_counter() - t0}
+
+
+def overhead(prompts: list[str]) -> dict:
+    from mote_ray.cluster import init_ray
+
+    init_ray(num_cpus=os.cpu_count())
+    runs: dict[str, list[dict]] = {"raw_engine_job": [], "ray_data_job": []}
+    for _ in range(OVERHEAD_REPEATS):
+        p = subprocess.run([sys.executable, __file__, "--raw-job"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "RAY_ADDRESS": ""})
+        line = next(ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT "))
+        runs["raw_engine_job"].append(json.loads(line.removeprefix("RESULT ")))
+        print(f"raw engine job: {runs['raw_engine_job'][-1]}", flush=True)
+        runs["ray_data_job"].append(ray_data_job(prompts))
+        print(f"ray data job: {runs['ray_data_job'][-1]}", flush=True)
+    import ray
+
     ray.shutdown()
-    return {"prompts": len(out), "tokens": sum(out), "wall_s": end - t0, "first_batch_s": ready - t0,
-            "tokens_after_first_batch": sum(out) - first_tokens}
+    return runs
 
 
 def main() -> None:
     prompts = alpaca_prompts(N_PROMPTS)
-    vllm = bench_engine("vllm", prompts)
-    print(f"vllm: {vllm}")
-    hf_batched = bench_engine("transformers", prompts[:N_HF_BATCHED])
-    print(f"transformers batched: {hf_batched}")
-    hf_single = bench_engine("transformers", prompts[:N_HF_SINGLE], one_by_one=True)
-    print(f"transformers one by one: {hf_single}")
-    # Ray Data vs raw: the raw engine's time for the rows after the first batch, against the time
-    # Ray Data took after its first batch came back (its start-up included engine loading).
-    ray_data = bench_ray_data(prompts)
-    print(f"ray data: {ray_data}")
-    raw_tokens_per_s = vllm["tokens_per_s"]
-    steady = ray_data["wall_s"] - ray_data["first_batch_s"]
-    raw_equiv = ray_data["tokens_after_first_batch"] / raw_tokens_per_s
+    tp = throughput(prompts)
+    ov = overhead(prompts)
+    for side in (*tp.values(), *ov.values()):
+        assert all(r["prompts"] == N_PROMPTS for r in side), "every side must answer the same prompts"
+    rounds = range(REPEATS)
+    v_hf = [tp["vllm"][i]["tokens_per_s"] / tp["transformers_batched"][i]["tokens_per_s"] for i in rounds]
+    b_s = [tp["transformers_batched"][i]["tokens_per_s"] / tp["transformers_one_by_one"][i]["tokens_per_s"]
+           for i in rounds]
+    over = [ov["ray_data_job"][i]["seconds"] / ov["raw_engine_job"][i]["seconds"] for i in range(OVERHEAD_REPEATS)]
+    spread = {"vllm_vs_transformers_batched": summary(v_hf), "transformers_batched_vs_one_by_one": summary(b_s),
+              "ray_data_overhead": summary(over)}
+    def side(runs: list[dict], key: str) -> dict:  # one entry per side: its prompt count, median, every run
+        return {"prompts": runs[0]["prompts"], "tokens": runs[0]["tokens"],
+                key: statistics.median(r[key] for r in runs), "runs": runs}
+
     write_result(
-        "engines",
-        {"vllm_vs_transformers_batched": vllm["tokens_per_s"] / hf_batched["tokens_per_s"],
-         "transformers_batched_vs_one_by_one": hf_batched["tokens_per_s"] / hf_single["tokens_per_s"],
-         "ray_data_overhead": steady / raw_equiv,
-         "ray_data_overhead_with_startup": ray_data["wall_s"] / (vllm["seconds"] + vllm["startup_s"])},
-        raw={"vllm": vllm, "transformers_batched": hf_batched, "transformers_one_by_one": hf_single,
-             "ray_data_vllm": ray_data},
-        config={"model": model(), "max_tokens": MAX_TOKENS, "prompts": N_PROMPTS, "greedy": True},
+        "engines", {k: v["median"] for k, v in spread.items()},
+        spread=spread,
+        raw={**{k: side(v, "tokens_per_s") for k, v in tp.items()}, **{k: side(v, "seconds") for k, v in ov.items()}},
+        config={"model": model(), "max_tokens": MAX_TOKENS, "prompts": N_PROMPTS, "greedy": True,
+                "repeats": REPEATS, "overhead_repeats": OVERHEAD_REPEATS,
+                "same_prompts_every_side": True,
+                "ray_data_overhead": "whole job (actor + engine start, all rows) / raw engine whole job in a fresh "
+                                     "process (imports + engine start + generate); Ray started beforehand"},
     )
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--raw-job"]:
+        print("RESULT " + json.dumps(raw_job(alpaca_prompts(N_PROMPTS))), flush=True)
+    else:
+        main()
