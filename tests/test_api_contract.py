@@ -63,7 +63,7 @@ def test_text_parts_work_and_image_parts_are_refused():
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"top_p": 1.5}, "top_p"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
     ({"max_tokens": -1}, "max_tokens"), ({"max_completion_tokens": 10**9}, "max_completion_tokens"),
-    ({"seed": 2**70}, "seed"), ({"mote": {"stage_max_tokens": {"analysis": 0}}}, "mote.stage_max_tokens"),
+    ({"seed": 2**70}, "seed"), ({"n": True}, "n"), ({"max_tokens": "5"}, "max_tokens"), ({"stream": 1}, "stream"), ({"mote": {"stage_max_tokens": {"analysis": 0}}}, "mote.stage_max_tokens"),
     ({"mote": {"stage_max_tokens": {"analysis": 10**7}}}, "mote.stage_max_tokens"), ({"mote": {"mode": "up"}}, "mote.mode"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),

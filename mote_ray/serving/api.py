@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the context admits, small enough to parse cheaply
 MAX_MESSAGES = 1024
@@ -88,8 +89,8 @@ class ChatMessage(BaseModel):
 class MoteOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["adaptive", "direct", "analysis", "full"] = "adaptive"
-    return_stages: bool = False
-    stage_max_tokens: dict[Literal["analysis", "guidance", "answer"], int] = Field(default_factory=dict)
+    return_stages: StrictBool = False
+    stage_max_tokens: dict[Literal["analysis", "guidance", "answer"], StrictInt] = Field(default_factory=dict)
     # "completion" (OpenAI's meaning): max_tokens bounds every generated token, reasoning stages included.
     # "answer": max_tokens bounds the answer stage only (the stages keep their own budgets).
     max_tokens_scope: Literal["completion", "answer"] = "completion"
@@ -105,31 +106,32 @@ class MoteOptions(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool | None = None  # a final chunk with `usage` and no choices
-    include_obfuscation: bool | None = None  # we never pad chunks, so both values are honoured
+    include_usage: StrictBool | None = None  # a final chunk with `usage` and no choices
+    include_obfuscation: StrictBool | None = None  # we never pad chunks, so both values are honoured
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    # Strict: JSON true is not 1, "5" is not 5 (OpenAI refuses both).
+    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
+    seed: StrictInt | None = Field(None, ge=-(1 << 63), lt=1 << 63)
     stop: str | list[str] | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     # Informational, honoured as such: they identify the caller or a cache hint and change no output.
     user: str | None = Field(None, max_length=512)
     safety_identifier: str | None = Field(None, max_length=512)
     prompt_cache_key: str | None = Field(None, max_length=512)
     # Accepted only at their "feature off" value (checked in _unsupported).
-    n: int | None = None
-    logprobs: bool | None = None
+    n: StrictInt | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: Any = None
     logit_bias: Any = None
     tools: Any = None
