@@ -243,11 +243,11 @@ def main() -> int:
     with LocalServer(["--model", str(mote), "--api-key-env", "FZ_SERVE_KEY", "--timeout", "60"],
                      env={**env, "RAY_TMPDIR": tmp_dirs[0]}) as up:
         model = Path(mote).name
-        fuzz(up.base_url, SERVE_KEY, model, {"app": n(700), "spec": n(400)}, tally, "serve")
+        fuzz(up.base_url, SERVE_KEY, model, {"app": n(700), "spec": n(500)}, tally, "serve")
         with LocalServer(["--squad", str(squad), "--upstream", up.base_url + "/v1", "--api-key-env", "FZ_PROXY_KEY",
                           "--upstream-key-env", "FZ_UPSTREAM_KEY"], command=("aligners", "serve"),
                          env={**env, "RAY_TMPDIR": tmp_dirs[1]}) as px:
-            fuzz(px.base_url, PROXY_KEY, model, {"app": n(100), "spec": n(150)}, tally, "proxy")
+            fuzz(px.base_url, PROXY_KEY, model, {"app": n(100), "spec": n(200)}, tally, "proxy")
             outputs.append(px.output())
         outputs.append(up.output())
     fuzz_s = time.perf_counter() - t1
