@@ -80,7 +80,11 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
     use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) >= config.workers
     usable, dropped = count_usable(files, config.include_flagged)
     if usable < config.workers:
-        raise MoteError(f"{usable} usable chains in {chains} for {config.workers} workers (not usable: {dropped})")
+        hint = (" Flagged chains (the model's own check found the answer unsafe or could not parse its verdict) "
+                "are not trained on by default; --set include_flagged=true trains on them anyway."
+                if dropped.get("flagged") else "")
+        raise MoteError(f"{usable} usable chains in {chains} for {config.workers} workers "
+                        f"(not usable: {dropped}).{hint}")
     result = fit(config, files, out, model_path, use_gpu, resources)
     if result.checkpoint is None:
         raise MoteError(f"training finished without a checkpoint ({result.error})")
