@@ -21,13 +21,17 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# Before Ray starts: workers inherit it, so metrics reach the endpoint within a second (default 10 s).
-os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
-
 ROOT = Path(__file__).resolve().parents[1]
+KEY = "metrics-scrape-key"
+# Before Ray starts, so every Ray process inherits them: metrics reach the endpoint within a second
+# (default 10 s); the Serve config's `serve.app` imports and its api_key_env is set.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "500")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+os.environ["MOTE_API_KEY"] = KEY
+
 SHARED = Path(os.environ.get("MOTE_SHARED", ROOT.parent / "shared"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "mote-ray.json"
-KEY = "metrics-scrape-key"
+RAYSERVICE = ROOT / "deploy" / "kubernetes" / "base" / "rayservice.yaml"
 
 
 def dashboard_metrics(path: Path = DASHBOARD) -> list[str]:
@@ -70,6 +74,23 @@ def _prompts(d: Path, n: int) -> Path:
     return path
 
 
+def local_serve_config(model_dir: Path) -> dict:
+    """The RayService's own Serve config, sized for this machine: the served model, the CPU reference
+    engine, no GPU, one replica each, and few requests per expert replica so that a burst queues."""
+    import yaml
+
+    config = yaml.safe_load(yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"])
+    app = config["applications"][0]
+    app["args"].update(model=str(model_dir), engine="transformers")
+    for d in app["deployments"]:
+        d["ray_actor_options"] = {"num_cpus": 0.1 if d["name"] == "Router" else 0.5, "num_gpus": 0}
+        d["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+        if d["name"] != "Router":
+            d["max_ongoing_requests"] = 4
+    config["http_options"] = {"host": "127.0.0.1", "port": None}
+    return config
+
+
 def _post(url: str, body: dict | bytes, key: str | None = KEY) -> int:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -102,11 +123,12 @@ def serving_load(url: str, n: int = 48, concurrency: int = 24) -> dict:
 def run(out_dir: Path, prompts: int = 12, train_steps: int = 6) -> dict:
     import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
 
     from mote_ray.config import EngineConfig, PoolConfig
     from mote_ray.eval.responders import ModelSpec, respond
     from mote_ray.generation import GenerateConfig, run_generate
-    from mote_ray.serving.deployments import build
     from mote_ray.serving.local import free_port
     from mote_ray.top import report, scrape
     from mote_ray.training.run import TrainConfig, run_train
@@ -130,10 +152,12 @@ def run(out_dir: Path, prompts: int = 12, train_steps: int = 6) -> dict:
                               include_flagged=True, val_share=0.0),
                   out_dir / "gen", out_dir / "run")
         timings["train_s"] = time.perf_counter() - t0 - timings["generate_s"]
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        os.environ["MOTE_METRICS_SCRAPE_KEY"] = KEY
-        serve.run(build({"model": str(out_dir / "run"), "expert_cpus": 0.5, "api_key_env": "MOTE_METRICS_SCRAPE_KEY"}),
-                  name="mote", route_prefix="/")
+        # Deployed the way KubeRay deploys serveConfigV2 (and `serve run config.yaml`): a config
+        # handed to the Serve controller, which imports serve.app:build_app with the args.
+        config = local_serve_config(out_dir / "run")
+        config["http_options"]["port"] = http_port
+        serve.start(http_options=config["http_options"])
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
         url = f"http://127.0.0.1:{http_port}"
         before, t_load = scrape(scraper.url), time.perf_counter()
         codes = serving_load(url)

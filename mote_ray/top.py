@@ -31,9 +31,10 @@ TOTALS = [
     ("ray_mote_eval_prompts_planned_total", ("suite",), "eval      planned"),
 ]
 GAUGES = [("ray_mote_train_loss", ("stage",), "train     loss")]
-MEANS = [  # histogram: delta(sum) / delta(count) over the interval
-    ("ray_mote_train_step_seconds", "train     step seconds"),
-    ("ray_mote_serve_request_seconds", "serve     request seconds"),
+MEANS = [  # histogram: delta(sum) / delta(count) over the interval; approximate, as Ray 2.60 exports
+    # histogram sums from bucket midpoints
+    ("ray_mote_train_step_seconds", "train     step seconds ~"),
+    ("ray_mote_serve_request_seconds", "serve     request seconds ~"),
 ]
 
 Snapshot = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, sorted labels) -> value

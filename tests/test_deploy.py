@@ -203,7 +203,7 @@ def test_serve_config_parses_with_serve_schema_and_resolves_to_our_app(which):
     unknown = set(app.args) - _build_arg_keys()
     assert not unknown, f"args build() never reads (a typo would be ignored): {unknown}"
     # The listed deployments are the ones the app binds for its path.
-    expert = {"exact": "ExactExpert", "fast": "FastExpert"}[app.args.get("path", "exact")]
+    expert = {"exact": "ExactExpert", "lora": "LoraExpert"}[app.args.get("path", "exact")]
     assert {d.name for d in app.deployments} == {"Router", expert}
     for d in app.deployments:
         scaling = d.autoscaling_config

@@ -63,7 +63,7 @@ def test_top_prints_rates_over_the_interval_summed_over_workers(endpoint):
     lines = {line[:28].strip(): line[28:].strip() for line in out.getvalue().splitlines()[1:]}
     assert lines["generate  prompts/s"] == "40"  # (30 - 10) / 0.5, two workers summed
     assert lines["generate  tokens/s"] == "480  (analysis: 400, answer: 80)"
-    assert lines["train     step seconds"] == "0.5"  # (2.5 - 1.0) / (7 - 4)
+    assert lines["train     step seconds ~"] == "0.5"  # (2.5 - 1.0) / (7 - 4)
     assert lines["train     loss"] == "all: 2, answer: 3"  # latest gauge values, not summed
 
 
