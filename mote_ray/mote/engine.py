@@ -31,15 +31,18 @@ def mote_meta(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _to_vllm(req: StageRequest, V: int, per_request_seed: bool, max_len: int):
-    """(TokensPrompt, SamplingParams) for one stage request: every id tagged with its expert."""
+def _to_vllm(req: StageRequest, V: int, per_request_seed: bool, max_len: int, stream: bool = False):
+    """(TokensPrompt, SamplingParams) for one stage request: every id tagged with its expert.
+    `stream`: deltas per step (else only the final output: no per-step copies of the whole text)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
     prompt = TokensPrompt(prompt_token_ids=[t + e * V for t, e in zip(req.tokens, req.experts)])
     kw = dict(max_tokens=max(1, min(req.max_tokens, max_len - len(req.tokens))), temperature=req.temperature,
               top_p=req.top_p, seed=req.seed if per_request_seed else None, detokenize=False,
-              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+              output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
     if req.is_choice:  # each start token in its own expert's copy: the pick is already tagged
         kw["allowed_token_ids"] = [t + e * V for t, e in req.choices]
     else:
@@ -54,6 +57,11 @@ def _from_vllm(req: StageRequest, out, V: int, cached: int) -> StageResult:
     if ids and not req.is_choice and ids[-1] in req.stop_ids:
         res.stop_token, res.token_ids, res.finish_reason = ids[-1], ids[:-1], "stop"
     return res
+
+
+class _Output:
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
 
 
 def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utilization: float | None) -> dict:
@@ -141,16 +149,17 @@ class AsyncVLLMMoTEEngine:
     async def run_stage(self, req: StageRequest, on_tokens: OnTokens | None = None) -> StageResult:
         """Run one stage request; `on_tokens(new_ids)` sees its tokens as they come and may return
         True to end it there (a stop string). Cancelled or failed: the engine request is aborted."""
-        prompt, params = _to_vllm(req, self.V, self.per_request_seed, self.max_len)
+        stream = on_tokens is not None and not req.is_choice
+        prompt, params = _to_vllm(req, self.V, self.per_request_seed, self.max_len, stream)
         self._ids += 1
         rid = f"mote-{os.getpid()}-{self._ids}"
-        seen, final, cached, stopped = 0, None, 0, False
+        ids, cached, stopped, final = [], 0, False, None
         try:
             async for out in self.llm.generate(prompt, params, request_id=rid):
                 final, cached = out.outputs[0], out.num_cached_tokens or cached
-                if on_tokens is not None and not req.is_choice:
-                    new = [t % self.V for t in final.token_ids[seen:]]
-                    seen = len(final.token_ids)
+                ids += final.token_ids  # a delta when streaming, else the one final output
+                if stream:
+                    new = [t % self.V for t in final.token_ids]
                     new = [t for t in new if t not in req.stop_ids]
                     if new and await on_tokens(new):
                         stopped = True
@@ -161,7 +170,7 @@ class AsyncVLLMMoTEEngine:
             raise
         if stopped:
             await self.llm.abort(rid)
-        res = _from_vllm(req, final, self.V, cached)
+        res = _from_vllm(req, _Output(ids), self.V, cached)
         if stopped:
             res.finish_reason = "stop"
         return res

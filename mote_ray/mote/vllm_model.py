@@ -29,6 +29,7 @@ class _Routing:
     """The per-forward gate every hooked layer reads: (tokens, (E+1)·r)."""
 
     gate: torch.Tensor | None = None
+    gates: dict = {}
 
 
 class MoTEForCausalLM(nn.Module):
@@ -62,19 +63,23 @@ class MoTEForCausalLM(nn.Module):
             sizes = list(getattr(module, "output_partition_sizes", None) or [module.weight.shape[0]])
             if len(sizes) != len(subs):
                 raise ValueError(f"{name}: {len(sizes)} output shards but packed mapping {subs}")
-            d_in, dtype = module.weight.shape[1], module.weight.dtype
-            module.mote_A = nn.Parameter(torch.zeros(len(subs), n * self.r, d_in, dtype=dtype), requires_grad=False)
-            module.mote_B = nn.ParameterList(
-                [nn.Parameter(torch.zeros(d, n * self.r, dtype=dtype), requires_grad=False) for d in sizes])
+            d_in, dtype, width = module.weight.shape[1], module.weight.dtype, n * self.r
+            # All shards' A stacked (S·(E+1)·r, d_in) and their B block-diagonal (Σd_out, S·(E+1)·r):
+            # two matmuls per layer whatever the fusion, the masked-dense form of mote/layer.py.
+            module.mote_A = nn.Parameter(torch.zeros(len(subs) * width, d_in, dtype=dtype), requires_grad=False)
+            module.mote_B = nn.Parameter(torch.zeros(sum(sizes), len(subs) * width, dtype=dtype), requires_grad=False)
+            module.mote_shards = (len(subs), tuple(sizes))
             module.register_forward_hook(self._hook)
             self.expert_names[f"inner.{name}"] = tuple(f"{name.rsplit('.', 1)[0]}.{s}" for s in subs)
 
     def _hook(self, module, args, output):
-        x, gate = args[0], self.routing.gate
+        x = args[0]
         out, bias = output if isinstance(output, tuple) else (output, None)
-        h = torch.einsum("td,srd->tsr", x.to(module.mote_A.dtype), module.mote_A) * gate.to(module.mote_A.dtype)[:, None, :]
-        delta = torch.cat([h[:, s] @ b.T for s, b in enumerate(module.mote_B)], dim=-1) * self.scaling
-        out = out + delta.to(out.dtype)
+        gate = self.routing.gates.get(module.mote_shards[0])
+        if gate is None:  # one (tokens, S·(E+1)·r) gate per shard count and forward
+            gate = self.routing.gates[module.mote_shards[0]] = self.routing.gate.repeat(1, module.mote_shards[0])
+        h = nn.functional.linear(x.to(module.mote_A.dtype), module.mote_A) * gate.to(module.mote_A.dtype)
+        out = out + (nn.functional.linear(h, module.mote_B) * self.scaling).to(out.dtype)
         return (out, bias) if isinstance(output, tuple) else out
 
     def _gate(self, experts: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ class MoTEForCausalLM(nn.Module):
         if input_ids is None:
             raise RuntimeError("the MoTE model routes by token id: it needs input_ids, not only embeddings")
         experts = (input_ids // self.V).clamp(max=self.K - 1).long()
-        self.routing.gate = self._gate(experts)
+        self.routing.gate, self.routing.gates = self._gate(experts), {}
         return self.inner(input_ids % self.V, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -116,14 +121,17 @@ class MoTEForCausalLM(nn.Module):
         loaded, modules = set(), dict(self.named_modules())
         for pname, subs in self.expert_names.items():
             module = modules[pname]
+            width, offsets = (self.K + 1) * self.r, [0]
+            for d in module.mote_shards[1]:
+                offsets.append(offsets[-1] + d)
             for s, sub in enumerate(subs):
                 a, b = tensors.pop(f"{sub}.lora_A", None), tensors.pop(f"{sub}.lora_B", None)
                 if a is None or b is None:
                     continue  # this sub-projection was not a target: its expert stays zero (exact)
                 with torch.no_grad():  # training: A (E+1, r, d_in), B (d_out, E+1, r)
-                    module.mote_A[s].copy_(a.reshape(-1, a.shape[-1]))
-                    module.mote_B[s].copy_(b.reshape(b.shape[0], -1))
-            loaded |= {f"{pname}.mote_A"} | {f"{pname}.mote_B.{i}" for i in range(len(subs))}
+                    module.mote_A[s * width:(s + 1) * width].copy_(a.reshape(-1, a.shape[-1]))
+                    module.mote_B[offsets[s]:offsets[s + 1], s * width:(s + 1) * width].copy_(b.reshape(b.shape[0], -1))
+            loaded |= {f"{pname}.mote_A", f"{pname}.mote_B"}
         if tensors:
             raise ValueError(f"expert tensors for layers this model does not have: {sorted(tensors)[:3]}")
         return loaded
@@ -143,6 +151,7 @@ class MoTELogitsProcessor:
         self.V = int(vllm_config.model_config.hf_config.mote["base_vocab_size"])
         self.K = int(vllm_config.model_config.hf_config.mote["n_experts"])
         self.req: dict[int, tuple[int, tuple[int, ...]]] = {}  # batch index (V1) or slot (V2) -> (expert, banned)
+        self._cols: torch.Tensor | None = None
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -188,17 +197,18 @@ class MoTELogitsProcessor:
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if not self.req:
             return logits
-        rows = range(logits.shape[0]) if ctx is None else ctx.expanded_idx_mapping.tolist()
-        for row, key in enumerate(rows):
-            state = self.req.get(key)
-            if state is None:
-                continue
-            k, banned = state
-            lo, hi = k * self.V, (k + 1) * self.V
-            logits[row, :lo] = float("-inf")
-            logits[row, hi:] = float("-inf")
-            if banned:
-                logits[row, [lo + t for t in banned]] = float("-inf")
+        keys = range(logits.shape[0]) if ctx is None else ctx.expanded_idx_mapping.tolist()
+        states = [self.req.get(k) for k in keys]
+        expert = torch.tensor([-1 if st is None else st[0] for st in states], device=logits.device)
+        if self._cols is None or self._cols.device != logits.device:
+            self._cols = torch.arange(self.K * self.V, device=logits.device) // self.V  # the copy of each column
+        # Rows of MoTE requests keep their expert's copy only; other rows are left alone.
+        drop = (self._cols[None, :] != expert[:, None]) & (expert[:, None] >= 0)
+        logits.masked_fill_(drop, float("-inf"))
+        rows = [i for i, st in enumerate(states) if st is not None for _ in st[1]]
+        if rows:
+            cols = [st[0] * self.V + t for st in states if st is not None for t in st[1]]
+            logits[rows, cols] = float("-inf")
         return logits
 
 
