@@ -238,3 +238,17 @@ if __name__ == "__main__":
     res = json.loads(line[6:])
     print(res)
     assert res["same"] >= 7
+
+
+def test_chat_cli_says_its_engine_and_prints_json_last(random_mote_dir):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mote_ray.cli", "chat", "--model", str(random_mote_dir), "--engine",
+                           "transformers", "--mode", "full", "--max-tokens", "8", "--json", "Once upon a time"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(last["stages"]) == ["analysis", "guidance", "answer"] and last["answer"] == last["stages"]["answer"]
+    assert last["engine"] == "transformers" and "engine transformers" in proc.stderr
