@@ -101,6 +101,11 @@ def train_loop(cfg: dict) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.set_device(ctx.get_local_rank())
+    import transformers  # noqa: F401  (imported before the baseline: library code is not the model)
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    import mote_ray.training.sharding  # noqa: F401
+
     baseline_rss = rss_mb()  # before the model exists: the benchmark's zero
     dist_on = dist.is_available() and dist.is_initialized()
     mote_cfg = MoTEConfig(**cfg["mote"])

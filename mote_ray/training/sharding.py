@@ -1,7 +1,7 @@
 """FSDP2 from the first byte: build on the meta device, shard, then load each rank's rows only.
 
 Choice (issue 15): each rank reads its own dim-0 slice of every frozen tensor straight from the
-base's safetensors files (`safe_open(...).get_slice`), so no rank ever holds the full base, not
+base's safetensors files (plain reads at computed offsets, no mmap), so no rank ever holds the full base, not
 even rank 0 (rank-0 load + broadcast would need the whole model in one process). FSDP2 shards
 each parameter on dim 0 in `world` chunks of ceil(n / world) rows, which is what `_rows` computes
 (and checks against the local shard's shape). Trainable tensors (experts, stage-token rows) are
@@ -56,6 +56,39 @@ def _rows(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + chunk, n)
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _RowReader:
+    """Reads row ranges of tensors from one safetensors file with plain reads (no mmap), so a rank's
+    memory holds only the rows it asked for, not the page-cache of the whole file."""
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.f = open(path, "rb")
+        (n,) = struct.unpack("<Q", self.f.read(8))
+        self.header = {k: v for k, v in json.loads(self.f.read(n)).items() if k != "__metadata__"}
+        self.base = 8 + n
+
+    def rows(self, key: str) -> int:
+        return self.header[key]["shape"][0] if self.header[key]["shape"] else 1
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        meta = self.header[key]
+        dtype, shape = _ST_DTYPES[meta["dtype"]], meta["shape"] or [1]
+        row = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        buf = bytearray((stop - start) * row)
+        self.f.seek(self.base + meta["data_offsets"][0] + start * row)
+        self.f.readinto(buf)
+        return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:]) if buf else \
+            torch.empty(0, *shape[1:], dtype=dtype)
+
+    def close(self) -> None:
+        self.f.close()
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """{tensor name: safetensors file} for a model directory (single file or sharded index)."""
     index = path / "model.safetensors.index.json"
@@ -64,10 +97,9 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"sharded load needs safetensors weights in {path} (model.safetensors[.index.json])")
-    from safetensors import safe_open
-
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+    reader = _RowReader(single)
+    reader.close()
+    return {k: single for k in reader.header}
 
 
 def build_sharded_mote_model(model_path: str, config: MoTEConfig, mesh, *, dtype: torch.dtype = torch.float32,
@@ -76,7 +108,6 @@ def build_sharded_mote_model(model_path: str, config: MoTEConfig, mesh, *, dtype
     """Meta-device MoTE model, FSDP2-sharded over `mesh`, each rank loading only its shard."""
     import torch.distributed as dist
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mote_ray.chat import load_tokenizer
@@ -128,18 +159,21 @@ def build_sharded_mote_model(model_path: str, config: MoTEConfig, mesh, *, dtype
                 raise KeyError(f"base checkpoint {resolved.path} lacks {key} (for {name})")
             f = files[key]
             if f not in handles:
-                handles[f] = safe_open(f, "pt", device="cpu")
-            sl = handles[f].get_slice(key)
-            n_file = sl.get_shape()[0]
+                handles[f] = _RowReader(f)
+            reader = handles[f]
+            n_file = reader.rows(key)
             local.zero_()  # rows past the file's (the added stage tokens) are never read
             if start < min(stop, n_file):
-                local[:min(stop, n_file) - start].copy_(sl[start:min(stop, n_file)])
+                local[:min(stop, n_file) - start].copy_(reader.read(key, start, min(stop, n_file)).reshape(
+                    local[:min(stop, n_file) - start].shape))
             if p is emb_w or p is head_w:  # stage-token rows start at the mean of the existing rows
                 keep = local[:max(0, min(stop, first_new) - start)].float()
                 sums["emb" if p is emb_w else "head"] = torch.cat([keep.sum(0), torch.tensor([float(len(keep))])])
         for k in sorted(sums):
             if dist.is_initialized():
                 dist.all_reduce(sums[k])
+        for reader in handles.values():
+            reader.close()
         means = {k: v[:-1] / v[-1] for k, v in sums.items()}
         full = model.trainable_init(seed, means)
         for name, p in model.named_parameters():
