@@ -12,10 +12,10 @@
      tokens (position by position, over the longer sequence); every divergence is listed with its
      first differing position and the reference's logit margin (top-1 minus top-2) there.
    - lora_path_agreement / lora_path_token_agreement: the same for `--path lora` (multi-LoRA, inexact).
-   - prefix_cache_hit_rate: share of the stage requests' prompt tokens served from vLLM's prefix cache.
-3. Throughput, same load on both sides: N_LOAD adaptive requests, CONCURRENCY at a time, against the
-   vLLM server and the reference server (`--engine transformers`), both up at once, rounds interleaved
-   (A, B, A, B); exact_vs_reference_throughput = median requests/s ratio. p50/p95 latency of the vLLM
+3. Throughput, same load on both sides: N_LOAD adaptive requests, 32 at a time, against the vLLM server
+   and the reference server (`--engine transformers`), both up at once, rounds interleaved (A, B, A, B),
+   each round on prompts no earlier phase sent (so vLLM's prefix cache carries nothing over);
+   exact_vs_reference_throughput = median requests/s ratio; prefix_cache_hit_rate from those rounds. p50/p95 latency of the vLLM
    path at concurrency 1, 8 and 32. Errors must be 0.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 from common import SHARED, model, write_result  # noqa: E402
 
-N_TRAIN, N_EVAL, N_LOAD, ROUNDS = 64, 50, 96, 2
+N_TRAIN, N_EVAL, N_LOAD, ROUNDS = 64, 50, 64, 2
 MODES = ("adaptive", "direct", "analysis", "full")
 LIMITS = {"analysis": 96, "guidance": 96, "answer": 128}
 
@@ -52,11 +52,11 @@ def train(workdir: Path) -> Path:
     return workdir / "mote"
 
 
-def eval_prompts() -> list[str]:
+def advbench(start: int, n: int) -> list[str]:
     import csv
 
     rows = list(csv.DictReader(open(SHARED / "datasets/advbench/harmful_behaviors.csv")))
-    return [r["goal"] for r in rows[200:200 + N_EVAL]]
+    return [r["goal"] for r in rows[start:start + n]]
 
 
 def reference(run: Path, prompts: list[str]) -> dict:
@@ -126,14 +126,17 @@ def agreement(ref, prompt_ids, ref_seqs: dict, got: dict, margins: bool) -> dict
             "agreement": same / n, "token_agreement": tok_same / max(tok_all, 1), "divergences": divergences}
 
 
-def load(client, prompts: list[str], concurrency: int, n: int) -> dict:
-    """n adaptive requests, `concurrency` in flight: latency percentiles, throughput, errors."""
-    work = [prompts[i % len(prompts)] for i in range(n)]
-    lat, errors = [], []
+def load(client, prompts: list[str], concurrency: int) -> dict:
+    """One adaptive request per prompt, `concurrency` in flight: latency percentiles, throughput, errors,
+    and the prefix cache's share of the stage requests' prompt tokens (vLLM)."""
+    work, lat, errors, cache = prompts, [], [], [0, 0]
 
     def one(p):
         try:
-            lat.append(ask(client, p)[1])
+            m, t = ask(client, p)
+            lat.append(t)
+            cache[0] += m["prompt_cache"]["cached_tokens"]
+            cache[1] += m["prompt_cache"]["requested_tokens"]
         except Exception as e:  # counted, and the benchmark fails below
             errors.append(f"{type(e).__name__}: {e}"[:200])
 
@@ -142,9 +145,9 @@ def load(client, prompts: list[str], concurrency: int, n: int) -> dict:
         list(pool.map(one, work))
     wall = time.perf_counter() - t0
     q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [float("nan")] * 19
-    return {"requests": n, "concurrency": concurrency, "errors": len(errors), "error_samples": errors[:3],
+    return {"requests": len(work), "concurrency": concurrency, "errors": len(errors), "error_samples": errors[:3],
             "p50_s": statistics.median(lat) if lat else None, "p95_s": q[18], "requests_per_s": len(lat) / wall,
-            "wall_s": wall}
+            "wall_s": wall, "cached_tokens": cache[0], "requested_tokens": cache[1]}
 
 
 def main() -> int:
@@ -154,7 +157,11 @@ def main() -> int:
     t = time.perf_counter()
     run = train(work)
     print(f"trained in {time.perf_counter() - t:.0f}s -> {run}")
-    prompts = eval_prompts()
+    # Every phase gets prompts no earlier phase sent: vLLM's prefix cache must not carry one phase's
+    # work into the next (the reference has no such cache).
+    prompts = advbench(200, N_EVAL)
+    rounds_prompts = [advbench(250 + i * N_LOAD, N_LOAD) for i in range(ROUNDS)]
+    lat_prompts = advbench(250 + ROUNDS * N_LOAD, 72)
     t = time.perf_counter()
     ref, prompt_ids, ref_seqs = reference(run, prompts)
     print(f"reference: {len(MODES) * N_EVAL} chains in {time.perf_counter() - t:.0f}s")
@@ -166,18 +173,23 @@ def main() -> int:
         cv, cr = client_for(fast.base_url), client_for(slow.base_url)
         got = served(cv, prompts)
         raw["exact"] = agreement(ref, prompt_ids, ref_seqs, got, margins=True)
-        raw["exact"]["engine"] = {g.get("engine") for m in MODES for g in got[m]}.pop()
-        cached = sum(g["prompt_cache"]["cached_tokens"] for m in MODES for g in got[m])
-        requested = sum(g["prompt_cache"]["requested_tokens"] for m in MODES for g in got[m])
-        raw["prefix_cache"] = {"cached_tokens": cached, "requested_tokens": requested}
+        engines = {g.get("engine") for m in MODES for g in got[m]}
+        if engines != {"vllm"}:
+            raise SystemExit(f"the exact path ran on {engines}, not the vLLM MoTE engine")
+        raw["exact"]["engine"] = "vllm"
         print("exact:", {k: v for k, v in raw["exact"].items() if k != "divergences"})
         rounds = {"vllm": [], "reference": []}
-        for _ in range(ROUNDS):  # interleaved, so both sides see the same machine
-            rounds["vllm"].append(load(cv, prompts, 32, N_LOAD))
-            rounds["reference"].append(load(cr, prompts, 32, N_LOAD))
+        for batch in rounds_prompts:  # interleaved, so both sides see the same machine; fresh prompts each round
+            rounds["vllm"].append(load(cv, batch, 32))
+            rounds["reference"].append(load(cr, batch, 32))
             print("round:", rounds["vllm"][-1]["requests_per_s"], rounds["reference"][-1]["requests_per_s"])
         raw["throughput_c32"] = rounds
-        raw["latency_vllm"] = {f"c{c}": load(cv, prompts, c, max(2 * c, 16)) for c in (1, 8, 32)}
+        # Within a chain, each stage request reuses the earlier stages' KV (prompts new to the server).
+        cached = sum(r["cached_tokens"] for r in rounds["vllm"])
+        requested = sum(r["requested_tokens"] for r in rounds["vllm"])
+        raw["prefix_cache"] = {"cached_tokens": cached, "requested_tokens": requested, "phase": "throughput rounds"}
+        raw["latency_vllm"] = {f"c{c}": load(cv, lat_prompts[i:i + n], c)
+                               for c, i, n in ((1, 0, 16), (8, 16, 16), (32, 32, 40))}
         errors += sum(r["errors"] for side in rounds.values() for r in side)
         errors += sum(r["errors"] for r in raw["latency_vllm"].values())
     ratio = [v["requests_per_s"] / r["requests_per_s"] for v, r in zip(rounds["vllm"], rounds["reference"])]

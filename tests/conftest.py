@@ -81,3 +81,31 @@ def vllm_available() -> bool:
 
 
 requires_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+
+
+@pytest.fixture(scope="session")
+def random_mote(tiny_model_hd32):
+    """A MoTE model whose experts and stage rows are random and large, so every expert matters."""
+    import torch
+
+    from mote_ray.mote.model import MoTEConfig, build_mote_model
+
+    torch.manual_seed(0)
+    model, tok = build_mote_model(tiny_model_hd32, MoTEConfig(r=4, prompt_expert="answer"))
+    with torch.no_grad():
+        for m in model.mote_layers():
+            m.lora_B.normal_(0, 0.3)
+        model.lm.get_input_embeddings().new_rows.normal_(0, 1.0)
+        model.lm.lm_head.new_rows.normal_(0, 0.5)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def random_mote_dir(random_mote, tmp_path_factory):
+    """The random MoTE model saved as a `mote-ray train` output (base/ + mote/)."""
+    from mote_ray.mote.export import save_base, save_mote
+
+    model, tok = random_mote
+    out = tmp_path_factory.mktemp("random-mote")
+    save_mote(model, out / "mote", save_base(model, tok, out / "base"))
+    return out

@@ -63,57 +63,58 @@ def test_openai_budget_stop_strings_and_context_room():
     assert seen[0].max_tokens == 1 and out.finish_reason == "length"  # 7 prompt + start + 1 + end = 10
 
 
-@pytest.fixture(scope="module")
-def random_mote(tiny_model_hd32):
-    """A MoTE model whose experts and stage rows are random and large, so every expert matters."""
-    from mote_ray.mote.model import MoTEConfig, build_mote_model
-
-    torch.manual_seed(0)
-    model, tok = build_mote_model(tiny_model_hd32, MoTEConfig(r=4, prompt_expert="answer"))
-    with torch.no_grad():
-        for m in model.mote_layers():
-            m.lora_B.normal_(0, 0.3)
-        model.lm.get_input_embeddings().new_rows.normal_(0, 1.0)
-        model.lm.lm_head.new_rows.normal_(0, 0.5)
-    return model.eval(), tok
-
-
 PROMPTS = ["Once upon a time", "The cat sat", "Lily and Tom went to the park", "A big red"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_reference_incremental_logits_equal_the_training_forward(random_mote, mode):
-    """The oracle checked against training: KV-cached decoding with an expert per token gives the
-    logits of the training forward (whole sequence, experts from the stage spans)."""
+def test_reference_decoding_equals_the_training_forward(random_mote, mode):
+    """The oracle checked against training: the batched, KV-cached reference picks, at every position
+    it chose freely (stage text, stage ends, EOS, adaptive stage choices), the argmax of the training
+    forward (whole sequence, experts from the stage spans) over what was allowed there; and its
+    incremental logits equal that forward's."""
     from mote_ray.mote.generate import MoTEGenerator
     from mote_ray.mote.routing import expert_index, stage_ids
 
     model, tok = random_mote
     gen = MoTEGenerator(model, tok)
-    for prompt in PROMPTS[2:3]:
-        ids = tok(prompt)["input_ids"]
-        out = gen.generate(ids, mode=mode, limits={"analysis": 12, "guidance": 12, "answer": 16})
+    limits = {"analysis": 12, "guidance": 12, "answer": 16}
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    outs = gen.generate_many(prompts, mode=mode, limits=limits)  # one padded batch per round
+    ids_of = gen.spec.stage_ids
+    start_of = {s: st for st, (s, _) in ids_of.items()}
+    specials = [t for pair in ids_of.values() for t in pair]
+    checked = 0
+    for ids, out in zip(prompts, outs):
         seq = ids + out.token_ids
-        stages = torch.tensor([stage_ids(seq, gen.spec.stage_ids)])
-        experts = expert_index(stages, prompt_expert="answer")  # the training routing, fixed prompt expert
+        experts = expert_index(torch.tensor([stage_ids(seq, ids_of)]), prompt_expert="answer")
         with torch.no_grad():
             full = model(torch.tensor([seq]), experts).logits[0].float()
+        stage, count, done = None, 0, []
+        for pos in range(len(ids) - 1, len(seq) - 1):
+            nxt = seq[pos + 1]
+            if stage is None:  # between stages: a start token comes next
+                later = [s for s in EXPERTS if EXPERTS.index(s) > max((EXPERTS.index(d) for d in done), default=-1)]
+                if mode == "adaptive":  # chosen by the expert that read the last token
+                    allowed = [ids_of[s][0] for s in later]
+                    assert allowed[int(full[pos, allowed].argmax())] == nxt, (mode, pos)
+                    checked += 1
+                stage, count = start_of[nxt], 0
+                continue
+            if count < limits[stage]:  # a free pick: everything but the other stage tokens
+                row = full[pos].clone()
+                row[[t for t in specials if t != ids_of[stage][1]]] = float("-inf")
+                assert int(row.argmax()) == nxt, (mode, pos)
+                checked += 1
+            if nxt == ids_of[stage][1]:
+                done.append(stage)
+                stage = None
+            elif nxt != tok.eos_token_id:
+                count += 1
         incremental = gen.engine.logits(seq, experts[0].tolist())
         assert (full - incremental).abs().max() < 1e-2  # fp32 summation order only
-        wrong = gen.engine.logits(seq, [EXPERTS.index("analysis")] * len(seq))  # every token read by one other expert
-        assert (full - wrong).abs().max() > 0.5  # so the check above can tell routings apart
-        # And the greedy chain is what those logits pick at every free position of a stage.
-        for pos in range(len(ids), len(seq) - 1):
-            nxt = seq[pos + 1]
-            if nxt not in {t for pair in IDS_OF(gen) for t in pair} and nxt != tok.eos_token_id:
-                banned = [t for pair in IDS_OF(gen) for t in pair]
-                row = full[pos].clone()
-                row[banned] = float("-inf")
-                assert int(row.argmax()) == nxt
-
-
-def IDS_OF(gen):
-    return gen.spec.stage_ids.values()
+    assert checked >= 4 * len(prompts)  # every chain had free picks to check
+    wrong = gen.engine.logits(seq, [EXPERTS.index("analysis")] * len(seq))  # every token read by one other expert
+    assert (full - wrong).abs().max() > 0.5  # so the logits check can tell routings apart
 
 
 def test_batched_reference_rows_do_not_depend_on_their_neighbours(random_mote):
@@ -127,17 +128,6 @@ def test_batched_reference_rows_do_not_depend_on_their_neighbours(random_mote):
         batched = gen.generate_many(prompts, "full", limits, **kw)
         alone = [gen.generate(p, "full", limits, **kw) for p in prompts]
         assert [o.token_ids for o in batched] == [o.token_ids for o in alone], kw
-
-
-@pytest.fixture(scope="module")
-def random_mote_dir(random_mote, tmp_path_factory):
-    """The random MoTE model saved as a `mote-ray train` output (base/ + mote/)."""
-    from mote_ray.mote.export import save_base, save_mote
-
-    model, tok = random_mote
-    out = tmp_path_factory.mktemp("random-mote")
-    save_mote(model, out / "mote", save_base(model, tok, out / "base"))
-    return out
 
 
 def test_vllm_dir_holds_the_experts_under_their_layer_names(random_mote_dir):
@@ -187,7 +177,7 @@ if __name__ == "__main__":
     same = sum(v == r for v, r in pairs)
     tokens = sum(max(len(v), len(r)) for v, r in pairs)
     agree = sum(x == y for v, r in pairs for x, y in zip(v, r))
-    assert same >= len(pairs) - 1 and agree / tokens >= 0.99, (same, len(pairs), agree / tokens)
+    assert same == len(pairs) and agree == tokens, (same, len(pairs), agree / tokens)  # fp32 CPU: measured exact
     assert sum(len(v) for v, _ in pairs) > 200  # long chains, not a few tokens each
     assert sum(c for _, _, c in res["full"]) > 0  # later stages reuse the earlier stages' KV
 
@@ -223,7 +213,7 @@ def test_vllm_mote_plugin_on_gpu_v2_runner(tmp_path):
 import json, time
 from mote_ray.mote.offline import OfflineMoTE
 if __name__ == "__main__":
-    v = OfflineMoTE({str(tmp_path)!r}, "vllm")
+    v = OfflineMoTE({str(tmp_path)!r}, "vllm", dtype="float32")  # fp32 on both sides: agreement, not bf16 noise
     prompts = [v.encode_chat(f"Question {{i}}: how do I stay safe online?") for i in range(64)]
     t = time.time(); a = v.generate_many(prompts, "full", {{"analysis": 128, "guidance": 128, "answer": 256}})
     wall = time.time() - t

@@ -105,8 +105,12 @@ class MoTEResponder:
         self.mote, self.mode, self.limits = OfflineMoTE(model_dir, engine), mode, limits
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from mote_ray.mote.chain import DEFAULT_LIMITS, FORCED
+
         rows, todo = batch.to_pylist(), []
-        room = self.mote.spec.max_len - sum(self.limits.values()) - 6  # + stage tokens
+        limits = {**DEFAULT_LIMITS, **self.limits}  # the chain's budgets for the stages this mode can reach
+        stages = FORCED.get(self.mode, list(limits))
+        room = (self.mote.spec.max_len or 1 << 30) - sum(limits[s] for s in stages) - 2 * len(stages)
         for r in rows:
             ids = self.mote.encode_chat(r["prompt"])
             if len(ids) > room:

@@ -13,6 +13,7 @@ reference, and says why.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -39,7 +40,9 @@ def _to_vllm(req: StageRequest, V: int, per_request_seed: bool, max_len: int, st
     from vllm.sampling_params import RequestOutputKind
 
     prompt = TokensPrompt(prompt_token_ids=[t + e * V for t, e in zip(req.tokens, req.experts)])
+    # ignore_eos: only our expert-tagged stop ids end a stage (vLLM's own EOS check sees untagged ids).
     kw = dict(max_tokens=max(1, min(req.max_tokens, max_len - len(req.tokens))), temperature=req.temperature,
+              ignore_eos=True,
               top_p=req.top_p, seed=req.seed if per_request_seed else None, detokenize=False,
               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
               output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
@@ -56,23 +59,27 @@ def _from_vllm(req: StageRequest, out, V: int, cached: int) -> StageResult:
     res = StageResult(token_ids=ids, finish_reason="length", cached_tokens=cached or 0)
     if ids and not req.is_choice and ids[-1] in req.stop_ids:
         res.stop_token, res.token_ids, res.finish_reason = ids[-1], ids[:-1], "stop"
+    elif getattr(out, "finish_reason", None) == "stop" and not req.is_choice:
+        raise RuntimeError(f"vLLM stopped a stage on {out.token_ids[-1:]} , which is none of its stop ids {req.stop_ids}")
     return res
 
 
 class _Output:
-    def __init__(self, token_ids):
-        self.token_ids = token_ids
+    def __init__(self, token_ids, finish_reason=None):
+        self.token_ids, self.finish_reason = token_ids, finish_reason
 
 
-def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utilization: float | None) -> dict:
+def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utilization: float | None,
+                   dtype: str | None = None) -> dict:
     from mote_ray.mote.vllm_model import MoTELogitsProcessor, register
 
     register()  # in this process too (the entry point covers vLLM's own processes)
     on_cpu = _device() == "cpu"
     cfg = json.loads((vllm_dir / "config.json").read_text())
     max_len = max_model_len or int(cfg.get("max_position_embeddings", 2048))
-    kwargs = dict(model=str(vllm_dir), skip_tokenizer_init=True, dtype="float32" if on_cpu else "auto",
-                  max_model_len=max_len, enforce_eager=True, enable_prefix_caching=True,
+    # generation_config="vllm": no sampling defaults or extra EOS ids from the model's generation config.
+    kwargs = dict(model=str(vllm_dir), skip_tokenizer_init=True, dtype=dtype or ("float32" if on_cpu else "auto"),
+                  max_model_len=max_len, enforce_eager=True, enable_prefix_caching=True, generation_config="vllm",
                   logits_processors=[MoTELogitsProcessor], seed=0)
     if on_cpu and gpu_memory_utilization is None:
         # On CPU the KV reservation is host memory: size it to the model (room for 128 full-length
@@ -101,13 +108,13 @@ class VLLMMoTEEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, dtype: str | None = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         from mote_ray.mote.vllm_dir import ensure_vllm_dir
 
-        kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization)
+        kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization, dtype)
         self.V = json.loads((Path(kwargs["model"]) / "config.json").read_text())["mote"]["base_vocab_size"]
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
         self.llm = LLM(**kwargs)
@@ -164,19 +171,20 @@ class AsyncVLLMMoTEEngine:
                     if new and await on_tokens(new):
                         stopped = True
                         break
-        except BaseException:  # cancelled (client gone, timeout) or failed: free the engine at once
-            self.aborted += 1
+        except BaseException as e:  # cancelled (client gone, timeout) or failed: free the engine at once
+            self.aborted += isinstance(e, (asyncio.CancelledError, GeneratorExit))
             await self.llm.abort(rid)
             raise
         if stopped:
             await self.llm.abort(rid)
-        res = _from_vllm(req, _Output(ids), self.V, cached)
+        res = _from_vllm(req, _Output(ids, None if stopped or final is None else final.finish_reason), self.V, cached)
         if stopped:
             res.finish_reason = "stop"
         return res
 
     def unfinished_requests(self) -> int:
-        """Requests the engine still holds (tests assert 0 after a disconnect or a timeout)."""
+        """Requests the engine client still tracks (AsyncLLM's own count; an abort also reaches the
+        engine core's scheduler). Tests assert 0 after a disconnect or a timeout."""
         return self.llm.output_processor.get_num_unfinished_requests()
 
     def close(self) -> None:
@@ -200,6 +208,8 @@ class LoraStageEngine:
         from mote_ray.records import GenerationRequest, SamplingParams
 
         greqs = []
+        if any(r.presence_penalty or r.frequency_penalty for r in requests):
+            raise ValueError("presence/frequency penalties are not supported on the lora path; use --path exact")
         for i, r in enumerate(requests):
             expert = r.experts[-1] if r.is_choice else r.expert  # who reads the next token
             sp = SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p, seed=r.seed,
@@ -247,6 +257,20 @@ def vllm_unavailable_reason(model_dir: str | Path) -> str | None:
     if mote_meta(model_dir)["mote"].get("n_experts", 3) != 3:
         return "not a 3-expert MoTE model (a plain-LoRA baseline)"
     return None
+
+
+def build_with_fallback(model_dir: str | Path, engine: str, make_vllm, make_reference):
+    """(engine object, "vllm" | "transformers", why): vLLM where it can run here, else the reference —
+    also when vLLM fails to build the model under `auto` (the reason is kept)."""
+    choice, why = pick_engine(model_dir, engine)
+    if choice == "vllm":
+        try:
+            return make_vllm(), "vllm", why
+        except Exception as e:
+            if engine == "vllm":
+                raise
+            why = f"reference engine: vLLM could not build the MoTE model ({type(e).__name__}: {str(e)[:200]})"
+    return make_reference(), "transformers", why
 
 
 def pick_engine(model_dir: str | Path, engine: str = "auto") -> tuple[str, str]:

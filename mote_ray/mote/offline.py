@@ -15,18 +15,16 @@ from mote_ray.mote.chain import Mode, MoTEOutput, chain, run_chains
 
 
 class OfflineMoTE:
-    def __init__(self, model_dir: str | Path, engine: str = "auto", *, max_batch: int = 64):
+    def __init__(self, model_dir: str | Path, engine: str = "auto", *, max_batch: int = 64, dtype: str | None = None):
         from mote_ray.chat import load_tokenizer
         from mote_ray.models import resolve_model
-        from mote_ray.mote.engine import VLLMMoTEEngine, chain_spec_for, pick_engine, reference_engine
+        from mote_ray.mote.engine import VLLMMoTEEngine, build_with_fallback, chain_spec_for, reference_engine
 
-        self.name, self.why = pick_engine(model_dir, engine)
-        if self.name == "vllm":
-            self.engine = VLLMMoTEEngine(model_dir)
-            max_len = self.engine.max_len
-        else:
-            self.engine = reference_engine(model_dir, max_batch=max_batch)
-            max_len = json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
+        self.engine, self.name, self.why = build_with_fallback(
+            model_dir, engine, lambda: VLLMMoTEEngine(model_dir, dtype=dtype),
+            lambda: reference_engine(model_dir, max_batch=max_batch))
+        max_len = self.engine.max_len if self.name == "vllm" else \
+            json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
         self.tok = load_tokenizer(resolve_model(f"{model_dir}/base"))
         self.spec = chain_spec_for(model_dir, self.tok, max_len)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from mote_ray.errors import MoteError
@@ -29,7 +31,21 @@ def ensure_vllm_dir(model_dir: str | Path) -> Path:
     done = out / "config.json"
     if done.is_file() and done.stat().st_mtime >= (mote / STATE_FILE).stat().st_mtime:
         return out
-    write_vllm_dir(json.loads((mote / CONFIG_FILE).read_text()), mote / STATE_FILE, base, out)
+    # Written aside and renamed into place: Ray Data actors or Serve replicas converting an older
+    # output at the same time never see (or load) a half-written directory.
+    tmp = Path(tempfile.mkdtemp(prefix=".vllm-", dir=root))
+    write_vllm_dir(json.loads((mote / CONFIG_FILE).read_text()), mote / STATE_FILE, base, tmp)
+    if out.exists():
+        stale = Path(tempfile.mkdtemp(prefix=".vllm-old-", dir=root))
+        try:
+            os.rename(out, stale / "vllm")
+        except OSError:
+            pass  # another process replaced it first
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process put a complete one there first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -55,8 +71,8 @@ def write_vllm_dir(meta: dict, state_file: Path, base: Path, out: Path) -> Path:
                    "inference_prompt_expert": mote.get("inference_prompt_expert", "answer")}
     cfg.update(architectures=[ARCH], vocab_size=len(EXPERTS) * V)
     out.mkdir(parents=True, exist_ok=True)
-    for f in base.iterdir():  # weights and generation config by link: vLLM reads them through it
-        if f.suffix == ".safetensors" or f.name == "generation_config.json":
+    for f in base.iterdir():  # weights by link (a 70B base is not copied); no generation config (EOS ids untagged)
+        if f.suffix == ".safetensors":
             link = out / f.name
             if link.is_symlink() or link.exists():
                 link.unlink()

@@ -63,6 +63,7 @@ class _ChainServer:
                 nonlocal shown
                 toks.extend(new)
                 text, hit = self.decode(toks), False
+                text = text.rstrip("\ufffd")  # a character still incomplete in bytes: wait for its next token
                 if req.stage == "answer" and stop:
                     cut = _first_stop(text, stop)
                     if cut is not None:
@@ -127,16 +128,12 @@ class ExactExpert(_ChainServer):
         import json
         from pathlib import Path
 
-        from mote_ray.mote.engine import AsyncVLLMMoTEEngine, pick_engine, reference_engine
+        from mote_ray.mote.engine import AsyncVLLMMoTEEngine, build_with_fallback, reference_engine
 
-        choice, why = pick_engine(model_dir, engine)
-        if choice == "vllm":
-            self.engine = AsyncVLLMMoTEEngine(model_dir)
-            max_len = self.engine.max_len
-        else:
-            self.engine = reference_engine(model_dir, max_batch=max_batch)
-            max_len = json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
-        self.name = self.engine.name
+        self.engine, self.name, why = build_with_fallback(model_dir, engine, lambda: AsyncVLLMMoTEEngine(model_dir),
+                                                          lambda: reference_engine(model_dir, max_batch=max_batch))
+        max_len = self.engine.max_len if self.name == "vllm" else \
+            json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
         self._setup(model_dir, max_len)
         log.info("ExactExpert engine: %s (%s)", self.name, why)
 
