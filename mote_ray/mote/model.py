@@ -144,7 +144,10 @@ class MoTEModel(nn.Module):
         Stage-token rows: the mean of the base's existing rows (`row_means`, "emb" and "head"),
         which is what transformers' mean resizing gives up to its 1e-9-scaled noise.
         """
-        out = {}
+        return dict(self.iter_trainable_init(seed, row_means))
+
+    def iter_trainable_init(self, seed: int, row_means: dict[str, torch.Tensor]):
+        """(name, full initial value) one tensor at a time (a sharded build keeps only its slice)."""
         head_rows = self.lm.get_output_embeddings().new_rows if "head" in row_means else None
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -152,15 +155,14 @@ class MoTEModel(nn.Module):
             if name.endswith("lora_A"):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 bound = 1.0 / math.sqrt(p.shape[-1])
-                out[name] = (torch.rand(tuple(p.shape), generator=g) * 2 - 1) * bound
+                yield name, (torch.rand(tuple(p.shape), generator=g) * 2 - 1) * bound
             elif name.endswith("lora_B"):
-                out[name] = torch.zeros(tuple(p.shape))
+                yield name, torch.zeros(tuple(p.shape))
             elif name.endswith("new_rows"):
                 key = "head" if head_rows is not None and p is head_rows else "emb"
-                out[name] = row_means[key].float()[None].expand(tuple(p.shape)).clone()
+                yield name, row_means[key].float()[None].expand(tuple(p.shape)).clone()
             else:
                 raise ValueError(f"no initialiser for trainable tensor {name}")
-        return out
 
     def base_param_name(self, name: str) -> str:
         """The name a parameter has in the base checkpoint (wrapper levels removed)."""

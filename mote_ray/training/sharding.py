@@ -175,11 +175,10 @@ def build_sharded_mote_model(model_path: str, config: MoTEConfig, mesh, *, dtype
         for reader in handles.values():
             reader.close()
         means = {k: v[:-1] / v[-1] for k, v in sums.items()}
-        full = model.trainable_init(seed, means)
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
+        params = dict(model.named_parameters())
+        for name, value in model.iter_trainable_init(seed, means):  # one full tensor at a time
+            p = params[name]
             local = p.to_local() if hasattr(p, "to_local") else p
             start, stop = _rows(p.shape[0], rank, world)
-            local.copy_(full[name][start:stop].to(local.dtype))
+            local.copy_(value[start:stop].to(local.dtype))
     return model, tok
