@@ -130,7 +130,7 @@ def run(out_dir: Path, prompts: int = 12, train_steps: int = 6) -> dict:
     from mote_ray.eval.responders import ModelSpec, respond
     from mote_ray.generation import GenerateConfig, run_generate
     from mote_ray.serving.local import free_port
-    from mote_ray.top import report, scrape
+    from mote_ray.top import node_urls, report, scrape
     from mote_ray.training.run import TrainConfig, run_train
 
     metrics_port, http_port = free_port(), free_port()
@@ -166,6 +166,8 @@ def run(out_dir: Path, prompts: int = 12, train_steps: int = 6) -> dict:
         timings["serve_and_eval_s"] = time.perf_counter() - t0 - timings["generate_s"] - timings["train_s"]
         time.sleep(3)  # a few report intervals, then the last scrapes
         top = report(before, scrape(scraper.url), time.perf_counter() - t_load)  # what `mote-ray top` prints
+        discovered = node_urls(None)  # `mote-ray top --address`: the endpoints found through ray.nodes()
+        discovered_has_mote = any(n.startswith("ray_mote_") for u in discovered for n, _ in scrape(u))
         scraper.stop.set()
         scraper.join()
         scraper.scrape_once()
@@ -179,7 +181,9 @@ def run(out_dir: Path, prompts: int = 12, train_steps: int = 6) -> dict:
         results.append({"metric": name, "present": value is not None, "max_value": value,
                         "nonzero": bool(value)})
     return {"metrics": results, "scrapes": scraper.scrapes, "generate_stats": stats,
-            "http_status_counts": codes, "top_output": top.splitlines()[1:], "eval_answers": len(answered),
+            "http_status_counts": codes, "top_output": top.splitlines()[1:],
+            "top_discovers_endpoint": any(u.endswith(f":{metrics_port}/metrics") for u in discovered)
+            and discovered_has_mote, "eval_answers": len(answered),
             "eval_errors": sum(1 for r in answered if r.get("error")),
             "seconds": {k: round(v, 1) for k, v in timings.items()}}
 

@@ -78,6 +78,7 @@ def test_every_dashboard_metric_has_a_nonzero_sample_in_a_live_scrape(tmp_path):
     # `mote-ray top`'s report over the serving interval shows the requests.
     served = next(line for line in result["top_output"] if line.startswith("serve     requests/s"))
     assert float(served.split()[2]) > 0
+    assert result["top_discovers_endpoint"]  # `mote-ray top --address` finds this node's endpoint
 
 
 def test_recording_outside_ray_is_a_noop_and_imports_no_ray():
