@@ -46,8 +46,10 @@ def request_mix(rng: random.Random, model: str) -> tuple[dict, str]:
     if rng.random() < 0.1:
         body["stop"] = [rng.choice(["e", ".", "you"])]
     r = rng.random()
-    if r < 0.05:
-        body[rng.choice(["n", "logprobs", "max_tokens"])] = rng.choice([3, True, -1])
+    if r < 0.05:  # each of these must be a 400 naming the field
+        field, value = rng.choice([("n", 3), ("logprobs", True), ("max_tokens", -1), ("max_tokens", True),
+                                   ("top_p", 7), ("mote", {"mode": "sideways"})])
+        body[field] = value
         return body, "invalid"
     if body["stream"] and r < 0.15:
         return body, "disconnect"
@@ -79,29 +81,29 @@ def one(client, base: str, body: dict, plan: str) -> str:
                 if "error" in event:
                     return "server_error"
                 finished |= any(c.get("finish_reason") for c in event.get("choices", []))
-            return "ok" if finished and done else "lost"
-    except (httpx.TransportError, ValueError):
-        return "lost"
+            return "ok" if finished and done else "lost:stream_incomplete"
+    except (httpx.TransportError, ValueError) as e:
+        return f"lost:{type(e).__name__}"
 
 
 def classify(status: int, headers, text: str, plan: str, stream: bool) -> str:
     if status >= 500:  # 503 included: no replica dies in a soak, so "expert unavailable" is a failure
         return "server_error"
     if status == 429:
-        return "rejected" if headers.get("retry-after") else "lost"
+        return "rejected" if headers.get("retry-after") else "lost:429_without_retry_after"
     if status >= 400:
         try:
             ok_body = bool(json.loads(text)["error"]["message"])
         except (ValueError, KeyError, TypeError):
             ok_body = False
-        return "client_error" if plan == "invalid" and status == 400 and ok_body else "lost"
+        return "client_error" if plan == "invalid" and status == 400 and ok_body else f"lost:unexpected_{status}"
     if plan == "invalid":
-        return "lost"  # an invalid request answered 200: a parameter silently ignored
+        return "lost:invalid_answered_200"  # a parameter silently ignored
     try:
         body = json.loads(text)
-        return "ok" if body["choices"][0]["finish_reason"] else "lost"
+        return "ok" if body["choices"][0]["finish_reason"] else "lost:no_finish_reason"
     except (ValueError, KeyError, IndexError, TypeError):
-        return "lost"
+        return "lost:bad_body"
 
 
 def main() -> int:
@@ -158,7 +160,7 @@ def main() -> int:
     leaks = key_leaks([KEY], [tmp], [output])
     warm = [v for t, v in rss if t >= 0.15 * SECONDS] or [v for _, v in rss]
     answered = sum(counts.values())
-    lost = counts.get("lost", 0) + (sent[0] - answered)
+    lost = sum(v for k, v in counts.items() if k.startswith("lost")) + (sent[0] - answered)
     write_result("soak", {
         "server_errors": counts.get("server_error", 0), "lost_requests": lost,
         "rss_growth": warm[-1] / warm[0] if warm and warm[0] else float("nan"),
