@@ -27,11 +27,12 @@ def _worker(rank: int, world: int, port: int, model_path: str, out: str, dtype: 
     try:
         mesh = init_device_mesh("cpu", (world,))
         model, tok = build_sharded_mote_model(model_path, MoTEConfig(r=4), mesh, dtype=DTYPES[dtype], seed=3)
+        # Before any forward: FSDP2 keeps the root's parameters unsharded from forward to backward.
+        local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in model.named_parameters()}
         ids = torch.tensor([tok("Hello there, how are you?")["input_ids"] + [tok.convert_tokens_to_ids("<|analysis|>")]])
         experts = torch.zeros_like(ids)
         with torch.no_grad():
             logits = model(ids, experts).logits
-        local = {n: (p.to_local() if hasattr(p, "to_local") else p).numel() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"logits": logits.float(), "local": local}, out)
     finally:
