@@ -158,7 +158,8 @@ def test_lora_path_serves_stages_and_direct_mode_is_exact(trained):
             assert r.model_dump()["mote"]["stages_used"] == stages
             assert r.choices[0].message.content == r.model_dump()["mote"]["stages"]["answer"]
         chunks = list(client.chat.completions.create(model=client.models.list().data[0].id, stream=True, max_tokens=12,
-                                                     messages=[{"role": "user", "content": "Question 3?"}]))
+                                                     messages=[{"role": "user", "content": "Question 3?"}],
+                                                     extra_body={"mote": {"mode": "direct", "max_tokens_scope": "answer"}}))
         assert "".join(c.choices[0].delta.content or "" for c in chunks)
         # Direct mode reads the prompt with the answer expert on both paths: the same greedy tokens.
         prompts = [f"Question {i}?" for i in range(4)]

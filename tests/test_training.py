@@ -60,7 +60,7 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
     assert [v["step"] for v in saved["val_history"]] == [20, 24]  # eval_every=20 and at the end
     assert set(saved["not_trained_on"]) >= {"flagged", "error", f"over_max_len_{cfg.max_len}"}
     # Sharded checkpoints: one DCP shard per rank, no pickled model file.
-    ckpt = sorted((tmp_path / "checkpoint").glob("checkpoint_*"))[-1]
+    ckpt = sorted(p for p in (tmp_path / "checkpoint").glob("checkpoint_*") if p.is_dir())[-1]
     assert {f.name for f in ckpt.glob("__*_0.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
     # MLflow (default: a file store in OUT/mlruns) holds the run, read back with MLflow's own client.

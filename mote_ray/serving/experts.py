@@ -88,7 +88,9 @@ class _ChainServer:
     async def generate(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None,
                        sampling: dict | None = None) -> dict:
         t0 = time.perf_counter()
-        return _result(await self._run(self._chain(ids, mode, limits, temperature, seed, sampling)), ids, t0, self.name)
+        stop = tuple((sampling or {}).get("stop") or ())  # as in streams: the answer's request ends at a stop string
+        return _result(await self._run(self._chain(ids, mode, limits, temperature, seed, sampling), stop=stop), ids, t0,
+                       self.name)
 
     async def stream(self, ids: list[int], mode: str, limits: dict, temperature: float, seed: int | None,
                      sampling: dict | None = None):

@@ -61,8 +61,10 @@ def load_checkpoint(d: Path, model, opt, rank: int) -> dict:
 
     opts = StateDictOptions(ignore_frozen_params=True)
     state = {"model": get_model_state_dict(model, options=opts), "optim": get_optimizer_state_dict(model, opt, options=opts)}
-    dcp.load(state, checkpoint_id=str(d))  # strict: raises if the checkpoint lacks a key
-    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=True))
+    dcp.load(state, checkpoint_id=str(d))  # strict: raises if the checkpoint lacks a trainable key
+    # The frozen base is not in the checkpoint (it is reloaded from the base weights), so the setter
+    # must not require it; every trainable tensor was required by dcp.load above.
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
     set_optimizer_state_dict(model, opt, state["optim"], options=opts)
     rng = d / f"rng_{rank}.json"
     if rng.is_file():
