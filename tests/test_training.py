@@ -66,6 +66,7 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
     # MLflow (default: a file store in OUT/mlruns) holds the run, read back with MLflow's own client.
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when allowed
     client = MlflowClient(saved["mlflow"]["tracking_uri"])
     logged = client.get_metric_history(saved["mlflow"]["run_id"], "loss")
     assert [(m.step, round(m.value, 5)) for m in logged] == [(h["step"], round(h["loss"], 5)) for h in hist]
