@@ -23,6 +23,20 @@ from mote_ray.serving.api import MAX_BODY_BYTES, ApiError, KeyRing
 app = FastAPI(title="mote-ray squad proxy")
 
 
+# Module helpers sit above the deployment class (the Serve replica raised NameError on ones below it).
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _text(content) -> str:
+    """A message's text: a string, or OpenAI's list of text parts."""
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str):
+        raise TypeError("content")
+    return content
+
+
 def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(ApiError(status, message, code).body(), status_code=status)
 
@@ -149,16 +163,3 @@ def build_proxy(args: dict):
     auth = auth_from_args({k: args.get(k) for k in ("api_key_env", "insecure", "loopback_only")})
     return SquadProxy.bind(str(squad), args["upstream"], args.get("engine") or "transformers", args.get("upstream_key_env"),
                            float(args.get("timeout_s", 120)), auth)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _text(content) -> str:
-    """A message's text: a string, or OpenAI's list of text parts."""
-    if isinstance(content, list):
-        return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
-    if not isinstance(content, str):
-        raise TypeError("content")
-    return content
