@@ -151,3 +151,84 @@ def test_proxy_never_forwards_the_callers_key():
     assert proxy._headers() == {}  # the old proxy passed the caller's Authorization upstream
     proxy.key = "upstream-secret"
     assert proxy._headers() == {"Authorization": "Bearer upstream-secret"}
+
+
+def _proxy(upstream_seen: list):
+    """A SquadProxy without Ray or models: an httpx mock upstream and a squad that appends '!'."""
+    import httpx
+
+    from mote_ray.aligners.proxy import SquadProxy
+    from mote_ray.serving.api import KeyRing
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        upstream_seen.append(body)
+        if not isinstance(body.get("stream", False), bool) or "stream_options" in body:  # what our Serve app refuses
+            return httpx.Response(400, json={"error": {"message": "stream: bad", "type": "invalid_request_error"}})
+        return httpx.Response(200, json={
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi", "refusal": None},
+                         "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+    class Squad:
+        def align(self, prompts, answers):
+            return [{"answer": a + "!", "trace": [{"aligner": "ethical"}], "scores": {"ethical": 0.9}} for a in answers]
+
+    proxy = SquadProxy.func_or_class.__new__(SquadProxy.func_or_class)
+    proxy.squad, proxy.upstream, proxy.key, proxy.keys = Squad(), "http://up/v1", None, KeyRing()
+    proxy.client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    return proxy
+
+
+def _proxy_call(proxy, raw: bytes):
+    import asyncio
+
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def run():
+        resp = await proxy.chat(Request({"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                                         "headers": [], "query_string": b""}, receive))
+        if hasattr(resp, "body_iterator"):
+            return resp.status_code, "".join([c async for c in resp.body_iterator])
+        if isinstance(resp, dict):  # FastAPI serialises a returned dict as a 200
+            return 200, json.dumps(resp)
+        return resp.status_code, resp.body.decode()
+
+    return asyncio.run(run())
+
+
+def test_proxy_forwards_what_it_cannot_utf8_encode_and_refuses_infinite_numbers():
+    seen = []
+    proxy = _proxy(seen)
+    body = {**GOOD, "messages": [{"role": "user", "content": "a\ud800b"}]}
+    status, text = _proxy_call(proxy, json.dumps(body).encode())  # the old proxy raised UnicodeEncodeError: a 500
+    assert status == 200 and seen[-1]["messages"] == body["messages"]  # the upstream judges the same value
+    status, text = _proxy_call(proxy, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1e400}')
+    assert status == 400 and json.loads(text)["error"]["message"]
+
+
+def test_proxy_never_rewrites_an_invalid_stream_into_a_valid_request():
+    seen = []
+    proxy = _proxy(seen)
+    status, _ = _proxy_call(proxy, json.dumps({**GOOD, "stream": "maybe"}).encode())
+    assert status == 400 and seen[-1]["stream"] == "maybe"  # the old proxy sent stream: false and answered 200
+    status, _ = _proxy_call(proxy, json.dumps({**GOOD, "stream_options": {"include_usage": True}}).encode())
+    assert status == 400 and "stream_options" in seen[-1]  # without stream: the upstream refuses it, as OpenAI does
+    status, text = _proxy_call(proxy, json.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": "y"}}).encode())
+    assert status == 400 and json.loads(text)["error"]["param"] == "stream_options"
+
+
+def test_proxy_stream_honours_include_usage_and_the_trace_against_the_official_schema():
+    proxy = _proxy([])
+    status, text = _proxy_call(proxy, json.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": True},
+                                                  "squad": {"return_trace": True}}).encode())
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    assert events[0]["choices"][0]["delta"]["content"] == "Hi!" and events[0]["squad"]["original"] == "Hi"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 4  # the old proxy sent no usage
+    for event in events:
+        assert violations(str(SPEC), "CreateChatCompletionStreamResponse", event) == []

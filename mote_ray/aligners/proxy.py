@@ -5,7 +5,8 @@ the caller's own key is checked here, against `--api-key-env`, and never forward
 the answer comes back aligned by the squad, with its trace in a
 `squad` field when the request carries `"squad": {"return_trace": true}`. Upstream failures become
 clean errors: unreachable or timed out -> 503, a 5xx -> 502 (503 stays 503), a 4xx passes through
-with its body. `stream: true` is answered as one SSE chunk (the squad needs the whole answer).
+with its body. `stream: true` is answered as one SSE chunk (the squad needs the whole answer), plus a usage chunk when
+`stream_options.include_usage` asks for one.
 """
 
 from __future__ import annotations
@@ -73,8 +74,12 @@ class SquadProxy:
     async def _forward(self, method: str, path: str, body: dict | None = None):
         import httpx
 
+        # json.dumps' ASCII escapes carry any parsed value (a lone surrogate included) to the upstream unchanged,
+        # so the upstream judges exactly what the caller sent; httpx's own UTF-8 encoding raised on those.
+        content = None if body is None else json.dumps(body).encode()
+        headers = {**self._headers(), **({"Content-Type": "application/json"} if content is not None else {})}
         try:
-            r = await self.client.request(method, self.upstream + path, json=body, headers=self._headers())
+            r = await self.client.request(method, self.upstream + path, content=content, headers=headers)
         except (httpx.ConnectError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
             return None, _error(503, f"upstream {self.upstream} unavailable ({type(e).__name__}); retry", "upstream_unavailable")
         if r.status_code >= 500:
@@ -115,14 +120,29 @@ class SquadProxy:
             assert isinstance(body, dict)
         except (ValueError, RecursionError, AssertionError):
             return _error(400, "request body must be a JSON object", "invalid_json")
+        try:
+            json.dumps(body, allow_nan=False)
+        except ValueError:  # 1e400 parses to inf: not a number JSON can carry upstream
+            return _error(400, "request body has a number out of range (not finite)", "invalid_json")
         opts = body.pop("squad", None)
         if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"return_trace"}
                                      and isinstance(opts.get("return_trace", False), bool)):
             return _error(400, "squad: must be an object {\"return_trace\": bool}", "invalid_request")
         opts = opts or {}
+        # A stream is answered here as one chunk, so upstream is asked without streaming and stream_options
+        # are honoured here. Any other `stream` value (false, or not a boolean) goes upstream as sent, with
+        # its stream_options, for the upstream to accept or refuse: nothing is rewritten into a valid request.
         stream = body.get("stream") is True
-        body["stream"] = False
-        body.pop("stream_options", None)  # answered as one chunk here; upstream is asked without streaming
+        include_usage = False
+        if stream:
+            so = body.pop("stream_options", None)
+            if so is not None and not (isinstance(so, dict) and set(so) <= {"include_usage", "include_obfuscation"}
+                                       and all(v is None or isinstance(v, bool) for v in so.values())):
+                return JSONResponse(ApiError(400, "stream_options: must be an object with boolean include_usage / "
+                                             "include_obfuscation", "invalid_request", "stream_options").body(),
+                                    status_code=400)
+            include_usage = bool((so or {}).get("include_usage"))
+            body["stream"] = False
         data, err = await self._forward("POST", "/chat/completions", body)
         if err:
             return err
@@ -138,13 +158,17 @@ class SquadProxy:
             data["squad"] = {"original": answer, "trace": out["trace"], "scores": out["scores"]}
         if not stream:
             return data
-        chunk = {"id": data.get("id", "chatcmpl-squad"), "object": "chat.completion.chunk", "created": data.get("created", 0),
-                 "model": data.get("model"), "choices": [{"index": 0, "delta": {"role": "assistant", "content": out["answer"]},
-                                                          "logprobs": None,
-                                                          "finish_reason": data["choices"][0].get("finish_reason", "stop")}]}
+        head = {"id": data.get("id", "chatcmpl-squad"), "object": "chat.completion.chunk",
+                "created": data.get("created", 0), "model": data.get("model")}
+        # Extensions the caller asked for (our trace, the upstream's `mote` stages) ride on the one chunk.
+        chunk = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": out["answer"]},
+                                      "logprobs": None, "finish_reason": data["choices"][0].get("finish_reason", "stop")}],
+                 **{k: data[k] for k in ("mote", "squad") if k in data}}
 
         async def events():
             yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage and "usage" in data:  # OpenAI's final chunk: usage, no choices
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': data['usage']})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
