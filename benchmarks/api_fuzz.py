@@ -7,6 +7,8 @@ required) and `mote-ray aligners serve` in front of it (its own inbound key; its
 another one). Cases, each sent with the right key and ~1 in 8 without one (then it must be a 401):
   - schemathesis (property-based, from an OpenAPI document; chosen because it is the field's tool for
     exactly this) on each app's own /openapi.json, every operation, positive and negative modes;
+  - schemathesis positive cases from the app's chat schema narrowed to valid requests (the fields we
+    implement, our model name), so many generate and their responses are checked;
   - schemathesis on the official OpenAI description's chat-completions operation
     (../shared/openai/openapi.yaml, read in place), each body sent as drawn and with our model name;
   - hand-written hostile bodies: huge numbers, deep JSON, invalid UTF-8, NaN, negative limits,
@@ -92,6 +94,44 @@ def app_cases(base: str, count: int) -> list[dict]:
     return out
 
 
+SUPPORTED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "presence_penalty",
+             "frequency_penalty", "seed", "stop", "stream", "stream_options", "user", "safety_identifier",
+             "prompt_cache_key", "mote", "squad")
+
+
+def valid_cases(base: str, model: str, count: int) -> list[dict]:
+    """Positive cases from the app's own chat schema narrowed to what a request can validly carry (the
+    fields we implement, roles and text parts as validated, our model name), so most of them generate
+    and their responses are checked against the official schemas; the last message is made a user turn."""
+    import httpx
+    import schemathesis
+
+    doc = httpx.get(base + "/openapi.json", timeout=30).json()
+    body = doc["paths"][CHAT]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    props = {k: v for k, v in body["properties"].items() if k in SUPPORTED}
+    props["model"] = {"const": model}
+    props["messages"] = {"type": "array", "minItems": 1, "maxItems": 6, "items": {
+        "type": "object", "additionalProperties": False, "required": ["role", "content"], "properties": {
+            "role": {"enum": ["system", "developer", "user", "assistant"]},
+            "content": {"anyOf": [{"type": "string", "maxLength": 200}, {"type": "array", "maxItems": 3, "items": {
+                "type": "object", "additionalProperties": False, "required": ["type", "text"],
+                "properties": {"type": {"const": "text"}, "text": {"type": "string", "maxLength": 80}}}}]}}}}
+    for k in ("max_tokens", "max_completion_tokens"):  # bounded so the run stays short; big values are drawn elsewhere
+        props[k] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 96}, {"type": "null"}]}
+    narrowed = {"openapi": "3.1.0", "info": {"title": "valid chat requests", "version": "1"}, "paths": {CHAT: {"post": {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "required": ["model", "messages"], "properties": props}}}},
+        "responses": {"200": {"description": "a chat completion"}}}}}}
+    op = schemathesis.openapi.from_dict(narrowed)[CHAT]["POST"]
+    out = []
+    for c in draw(op.as_strategy(), count, 3):
+        b = dict(c.body)
+        if b["messages"][-1]["role"] != "user":
+            b["messages"] = [*b["messages"], {"role": "user", "content": "Question 7?"}]
+        out.append({"method": "POST", "path": CHAT, "json": b, "source": "app_schema_valid"})
+    return out
+
+
 def hostile(model: str) -> list[dict]:
     m = [{"role": "user", "content": "Question 1?"}]
     good = {"model": model, "messages": m}
@@ -136,6 +176,7 @@ def hostile(model: str) -> list[dict]:
 class Tally:
     def __init__(self):
         self.cases = self.server_errors = self.schema_violations = self.bad_error_bodies = self.unauth_not_401 = 0
+        self.unsendable = 0
         self.status: dict[str, int] = {}
         self.by_source: dict[str, int] = {}
         self.examples: dict[str, list] = {}
@@ -155,6 +196,32 @@ def _brief(case: dict) -> dict:
     return out
 
 
+class _RawResponse:
+    def __init__(self, status_code: int, headers: dict, text: str):
+        self.status_code, self.headers, self.text = status_code, headers, text
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def _raw_request(base: str, method: str, path: str, headers: dict, content: bytes | None) -> _RawResponse:
+    """http.client sends header values as given (UTF-8 bytes), where httpx/h11 refuse them client-side."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    try:
+        conn.putrequest(method, path)
+        for k, v in {**headers, "Content-Length": str(len(content or b""))}.items():
+            conn.putheader(k, v.encode("utf-8"))
+        conn.endheaders(content)
+        r = conn.getresponse()
+        return _RawResponse(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode("utf-8", "replace"))
+    finally:
+        conn.close()
+
+
 def send(client, base: str, case: dict, key: str | None, tally: Tally, app: str) -> None:
     from mote_ray.serving.conformance import violations
 
@@ -170,10 +237,18 @@ def send(client, base: str, case: dict, key: str | None, tally: Tally, app: str)
         kwargs["content"] = case["content"]
         headers["Content-Type"] = case.get("ctype", "application/json")
     elif case.get("json") is not None:
-        kwargs["content"] = json.dumps(case["json"]).encode()
+        try:
+            kwargs["content"] = json.dumps(case["json"]).encode()
+        except TypeError as e:  # not a JSON value: nothing to send as JSON, and said so in the result
+            tally.unsendable += 1
+            tally.note("unsendable", case, e)
+            return
         headers["Content-Type"] = "application/json"
     try:
-        r = client.request(case["method"], base + case["path"], **kwargs)
+        if "auth" in case:  # hostile headers httpx refuses to send (trailing space, non-ASCII) go out as raw bytes
+            r = _raw_request(base, case["method"], case["path"], headers, kwargs.get("content"))
+        else:
+            r = client.request(case["method"], base + case["path"], **kwargs)
     except Exception as e:  # a reset or a hang is as bad as a 5xx
         tally.server_errors += 1
         tally.note("transport_errors", case, f"{type(e).__name__}: {e}")
@@ -203,15 +278,22 @@ def send(client, base: str, case: dict, key: str | None, tally: Tally, app: str)
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         for line in r.text.splitlines():
             if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                errs = ["error event: " + json.dumps(event)] if "error" in event else \
-                    violations(str(SPEC), "CreateChatCompletionStreamResponse", event)
+                try:
+                    event = json.loads(line[6:])
+                except ValueError as e:  # not JSON: fails any schema
+                    errs = [f"chunk is not JSON ({e}): {line[:200]}"]
+                else:
+                    errs = ["error event: " + json.dumps(event)] if "error" in event else \
+                        violations(str(SPEC), "CreateChatCompletionStreamResponse", event)
                 if errs:
                     tally.schema_violations += 1
                     tally.note("schema_violations", case, errs)
                     break
     else:
-        errs = violations(str(SPEC), "CreateChatCompletionResponse", r.json())
+        try:
+            errs = violations(str(SPEC), "CreateChatCompletionResponse", r.json())
+        except ValueError as e:
+            errs = [f"body is not JSON ({e}): {r.text[:200]}"]
         if errs:
             tally.schema_violations += 1
             tally.note("schema_violations", case, errs)
@@ -221,7 +303,7 @@ def fuzz(base: str, key: str, model: str, counts: dict, tally: Tally, app: str) 
     import httpx
 
     rng = random.Random(0)
-    cases = app_cases(base, counts["app"])
+    cases = app_cases(base, counts["app"]) + valid_cases(base, model, counts["valid"])
     for b in spec_bodies(counts["spec"]):
         cases.append({"method": "POST", "path": CHAT, "json": b, "source": "official_spec"})
         if isinstance(b, dict):  # the same body with our model name, so it reaches the rest of the validation
@@ -250,11 +332,11 @@ def main() -> int:
     with LocalServer(["--model", str(mote), "--api-key-env", "FZ_SERVE_KEY", "--timeout", "60"],
                      env={**env, "RAY_TMPDIR": tmp_dirs[0]}) as up:
         model = Path(mote).name
-        fuzz(up.base_url, SERVE_KEY, model, {"app": n(700), "spec": n(500)}, tally, "serve")
+        fuzz(up.base_url, SERVE_KEY, model, {"app": n(700), "spec": n(500), "valid": n(300)}, tally, "serve")
         with LocalServer(["--squad", str(squad), "--upstream", up.base_url + "/v1", "--api-key-env", "FZ_PROXY_KEY",
                           "--upstream-key-env", "FZ_UPSTREAM_KEY"], command=("aligners", "serve"),
                          env={**env, "RAY_TMPDIR": tmp_dirs[1]}) as px:
-            fuzz(px.base_url, PROXY_KEY, model, {"app": n(100), "spec": n(200)}, tally, "proxy")
+            fuzz(px.base_url, PROXY_KEY, model, {"app": n(150), "spec": n(300), "valid": n(80)}, tally, "proxy")
             outputs.append(px.output())
         outputs.append(up.output())
     fuzz_s = time.perf_counter() - t1
@@ -263,8 +345,9 @@ def main() -> int:
         "cases": tally.cases, "server_errors": tally.server_errors, "schema_violations": tally.schema_violations,
         "bad_error_bodies": tally.bad_error_bodies, "unauthenticated_not_401": tally.unauth_not_401,
         "key_leaks": len(leaks),
-    }, status_counts=tally.status, cases_by_source=tally.by_source, examples=tally.examples, leaked_in=leaks[:20],
-        scale=SCALE, build_seconds=round(build_s, 1), fuzz_seconds=round(fuzz_s, 1), spec=str(SPEC.name),
+    }, unsendable_cases=tally.unsendable, status_counts=tally.status, cases_by_source=tally.by_source, examples=tally.examples, leaked_in=leaks[:20],
+        scale=SCALE, build_seconds=round(build_s, 1), fuzz_seconds=round(fuzz_s, 1),
+        total_seconds=round(time.perf_counter() - t0, 1), spec=str(SPEC.name),
         schemathesis=__import__("schemathesis").__version__)
     ok = tally.server_errors == 0 and tally.schema_violations == 0 and not leaks
     return 0 if ok else 1

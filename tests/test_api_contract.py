@@ -232,3 +232,11 @@ def test_proxy_stream_honours_include_usage_and_the_trace_against_the_official_s
     assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 4  # the old proxy sent no usage
     for event in events:
         assert violations(str(SPEC), "CreateChatCompletionStreamResponse", event) == []
+
+
+def test_proxy_documents_its_request_body_for_clients_and_fuzzers():
+    from mote_ray.aligners.proxy import app
+
+    op = app.openapi()["paths"]["/v1/chat/completions"]["post"]
+    props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]  # the old doc had no body
+    assert {"model", "messages", "max_tokens", "mote"} <= set(props) and props["squad"]["properties"]["return_trace"]

@@ -19,9 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from mote_ray.serving.api import MAX_BODY_BYTES, ApiError, KeyRing
+from mote_ray.serving.api import ApiError, KeyRing, request_schema
 
 app = FastAPI(title="mote-ray squad proxy")
+
+
+def _proxy_request_schema() -> dict:
+    """What the proxy takes: the upstream's chat request (ours, documented) plus the `squad` options."""
+    schema = request_schema()
+    schema["properties"]["squad"] = {"type": "object", "additionalProperties": False,
+                                     "properties": {"return_trace": {"type": "boolean"}}}
+    return schema
 
 
 # Module helpers sit above the deployment class (the Serve replica raised NameError on ones below it).
@@ -106,7 +114,8 @@ class SquadProxy:
         data, err = await self._forward("GET", "/models")
         return err or data
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _proxy_request_schema()}}}})
     async def chat(self, request: Request):
         from mote_ray.serving.deployments import _read_body
 
