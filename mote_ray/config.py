@@ -1,17 +1,18 @@
 """Typed configs, one per component, validated on construction (the bad value is in the error).
 
-YAML files in `jobs/configs/` fill these; `a.b=value` overrides on the command line go through
-`apply_overrides`.
+YAML files in `jobs/configs/` fill these; `resolve` layers a YAML file, command-line flags and
+`a.b=value` overrides into one validated config (the only way the CLI builds one).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+M = TypeVar("M", bound=BaseModel)
 EngineName = Literal["auto", "vllm", "transformers"]
 
 
@@ -73,10 +74,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise MoteError(f"override must look like a.b=value, got {item!r}")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node[part] = dict(node.get(part) or {})
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
+        out = put(out, key, yaml.safe_load(raw))
     return out
+
+
+def put(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with the dotted `path` set to `value` (the dicts on the way are copied, not mutated)."""
+    out = dict(data)
+    node = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[parts[-1]] = value
+    return out
+
+
+def layered(file: str | os.PathLike | None, flags: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """One merge for every command. Precedence, lowest first: the config class's defaults, the YAML
+    file (`--config`), flags (keyed by dotted path), `--set a.b=value` overrides."""
+    data = load_yaml(file) if file else {}
+    for path, value in flags.items():
+        data = put(data, path, value)
+    return apply_overrides(data, overrides)
+
+
+def resolve(cls: type[M], file: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
+            overrides: list[str] | None = None) -> M:
+    """`cls` validated from the layers (see `layered`): the one path from YAML and flags to a config."""
+    return cls(**layered(file, flags or {}, overrides or []))
