@@ -240,3 +240,18 @@ def test_proxy_documents_its_request_body_for_clients_and_fuzzers():
     op = app.openapi()["paths"]["/v1/chat/completions"]["post"]
     props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]  # the old doc had no body
     assert {"model", "messages", "max_tokens", "mote"} <= set(props) and props["squad"]["properties"]["return_trace"]
+
+
+def test_top_p_zero_is_the_single_most_likely_token_on_every_engine():
+    import torch
+    from vllm import SamplingParams as VllmSampling
+
+    from mote_ray.mote.chain import StageRequest
+    from mote_ray.mote.reference import _pick
+
+    top_p = parse_request(json.dumps({**GOOD, "top_p": 0}).encode(), "m").sampling(8)["top_p"]
+    VllmSampling(temperature=0.7, top_p=top_p)  # the old value 0.0 raised VLLMValidationError: a 503
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    req = StageRequest(tokens=(1,), experts=(2,), expert=2, temperature=0.7, top_p=top_p, max_tokens=1)
+    picks = {_pick(logits.clone(), req, torch.Generator().manual_seed(i), []) for i in range(30)}
+    assert picks == {1}  # only the most likely token, never an empty nucleus

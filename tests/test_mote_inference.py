@@ -242,3 +242,19 @@ def test_chat_cli_says_its_engine_and_prints_json_last(random_mote_dir):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert list(last["stages"]) == ["analysis", "guidance", "answer"] and last["answer"] == last["stages"]["answer"]
     assert last["engine"] == "transformers" and "engine transformers" in proc.stderr
+
+
+def test_a_chain_without_room_for_a_stage_ends_at_once_offline_and_served():
+    import asyncio
+
+    from mote_ray.mote.chain import drive
+
+    async def never(req):
+        raise AssertionError("no stage request expected")
+
+    for budget in (1, 2):  # start + end of a stage need 2 of max_tokens: nothing fits
+        out = run_chains(lambda reqs: [], [chain(SPEC, [1], _decode, mode="direct", max_tokens=budget)])[0]
+        assert out.finish_reason == "length" and out.token_ids == [] and out.answer == ""
+        # the old drive let the StopIteration escape its coroutine: "RuntimeError: coroutine raised StopIteration"
+        out = asyncio.run(drive(never, chain(SPEC, [1], _decode, mode="adaptive", max_tokens=budget)))
+        assert out.finish_reason == "length" and out.stages == {}

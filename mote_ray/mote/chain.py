@@ -183,7 +183,12 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
 def run_chains(run: Callable[[list[StageRequest]], list[StageResult]], chains: Sequence[Chain]) -> list[MoTEOutput]:
     """Drive many chains offline: each round sends every live chain's next request in one batch."""
     outputs: list[MoTEOutput | None] = [None] * len(chains)
-    pending = {i: next(c) for i, c in enumerate(chains)}
+    pending = {}
+    for i, c in enumerate(chains):
+        try:
+            pending[i] = next(c)
+        except StopIteration as stop:  # no room for even one stage (e.g. max_tokens < 3): done before any request
+            outputs[i] = stop.value
     while pending:
         order = list(pending)
         results = run([pending[i] for i in order])
@@ -198,7 +203,10 @@ def run_chains(run: Callable[[list[StageRequest]], list[StageResult]], chains: S
 
 async def drive(run: Callable[[StageRequest], Awaitable[StageResult]], steps: Chain) -> MoTEOutput:
     """Drive one chain, awaiting each stage request (serving: concurrent chains share the engine)."""
-    req = next(steps)
+    try:
+        req = next(steps)
+    except StopIteration as stop:  # a chain with no room for a stage ends at once (a StopIteration escaping a
+        return stop.value  # coroutine became "RuntimeError: coroutine raised StopIteration": a 503)
     while True:
         res = await run(req)
         try:

@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the context admits, small enough to parse cheaply
 MAX_MESSAGES = 1024
 MAX_STOP = 4
+MIN_TOP_P = 1e-9  # what top_p 0 is sent to the engines as (see ChatRequest.sampling)
 MAX_TOKENS_CAP = 1 << 16  # schema bound; the real bound is the model's context, checked with the prompt
 
 
@@ -198,7 +199,10 @@ class ChatRequest(BaseModel):
 
     def sampling(self, total_tokens: int) -> dict:
         """The `sampling` dict the expert deployments take (see experts.generate)."""
-        return {"max_tokens": total_tokens, "top_p": 1.0 if self.top_p is None else self.top_p, "stop": self.stops,
+        # top_p 0 (OpenAI allows it) is a nucleus of just the most likely token; vLLM refuses 0 and a nucleus of
+        # mass 0 would hold no token at all, so it goes to the engines as the smallest positive mass (same nucleus).
+        top_p = 1.0 if self.top_p is None else max(self.top_p, MIN_TOP_P)
+        return {"max_tokens": total_tokens, "top_p": top_p, "stop": self.stops,
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0}
 
 
