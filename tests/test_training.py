@@ -19,8 +19,9 @@ from .fakes import write_format_chains
 pytestmark = pytest.mark.ray
 
 
-# The tiny model cannot self-check (its verdicts are unparseable, so every chain is flagged); these
-# tests check mechanics, so they opt in to training on flagged chains.
+# The tiny model cannot self-check: its verdicts are unparseable, so every chain is flagged. The first
+# test trains on the default policy (no verdict parses -> unparseable chains train, recorded); the
+# others check mechanics and opt in to training on flagged chains.
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
     from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig(model=tiny_model_hd32, workers=2, max_steps=24, batch_size=4, lr=3e-3, checkpoint_every=8,
-                      warmup_ratio=0.1, val_share=0.2, include_flagged=True, mote={"r": 8, "p_skip": 0.2})
+                      warmup_ratio=0.1, val_share=0.2, mote={"r": 8, "p_skip": 0.2})
     metrics = run_train(cfg, chains, tmp_path)
     hist = metrics["history"]
     assert [h["step"] for h in hist] == list(range(1, 25))
@@ -59,6 +60,9 @@ def test_two_fsdp_workers_lower_the_loss_per_stage_and_export(chains, tiny_model
     assert saved["split"]["val"] >= 1 and {f"val_loss_{s}" for s in ("analysis", "guidance", "answer")} <= set(saved)
     assert [v["step"] for v in saved["val_history"]] == [20, 24]  # eval_every=20 and at the end
     assert set(saved["not_trained_on"]) >= {"flagged", "error", f"over_max_len_{cfg.max_len}"}
+    # Not one verdict parses, so the default policy trains on the unparseable chains and says so.
+    assert saved["flagged"]["unparseable"] >= 8 and saved["flagged"]["unsafe"] == 0
+    assert saved["not_trained_on"]["flagged"] == 0 and "no verdict" in saved["flagged"]["policy"]
     # Sharded checkpoints: one DCP shard per rank, no pickled model file.
     ckpt = sorted(p for p in (tmp_path / "checkpoint").glob("checkpoint_*") if p.is_dir())[-1]
     assert {f.name for f in ckpt.glob("__*_0.distcp")} == {"__0_0.distcp", "__1_0.distcp"}

@@ -1,6 +1,8 @@
 """The training recipe without Ray: accumulation, schedule, clipping, prompt split, data rules, strict state."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,21 +106,53 @@ def test_validation_loss_per_stage_counts_only_real_batches(tiny_mote):
     assert all(v > 0 for v in m.values())
 
 
-def test_flagged_chains_are_not_trained_on_by_default(tmp_path):
+def _chains(tmp_path, rows):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
+    return [tmp_path / "part-0.parquet"]
+
+
+def _row(verdict, flagged, answer="a", error=None):
+    return {"answer": answer, "kept": True, "flagged": flagged, "error": error, "verdict": verdict,
+            "attempts": [{"stage": "answer", "verdict": verdict}]}
+
+
+def test_flagged_chains_are_not_trained_on_by_default(tmp_path):
     from mote_ray.training.run import TrainConfig, count_usable
 
     assert TrainConfig().include_flagged is False
-    rows = [{"answer": "a", "kept": True, "flagged": False, "error": None},
-            {"answer": "a", "kept": True, "flagged": True, "error": None},
-            {"answer": None, "kept": True, "flagged": False, "error": None},
-            {"answer": "a", "kept": True, "flagged": False, "error": "boom"}]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "part-0.parquet")
-    usable, dropped = count_usable([tmp_path / "part-0.parquet"], TrainConfig().include_flagged)
-    assert usable == 1 and dropped == {"flagged": 1, "no_answer": 1, "error": 1}
-    assert [drop_reason(r, True) for r in rows] == [None, None, "no_answer", "error"]
+    rows = [_row("safe", False), _row("unsafe", True), _row("unparseable", True), _row("safe", False, answer=None),
+            _row("safe", False, error="boom")]
+    usable, dropped, flagged = count_usable(_chains(tmp_path, rows), TrainConfig().include_flagged)
+    # Some verdicts parse, so the check works: unsafe and unparseable chains are both left out.
+    assert usable == 1 and dropped == {"flagged": 2, "no_answer": 1, "error": 1}
+    assert flagged["unsafe"] == 1 and flagged["unparseable"] == 1 and not flagged["train_unparseable"]
+    assert [drop_reason(r, True) for r in rows] == [None, None, None, "no_answer", "error"]
+
+
+def test_unparseable_chains_train_when_no_verdict_in_the_set_parses(tmp_path, capsys):
+    """A model that never writes a parseable verdict (the tiny one): its check gives no signal, so
+    unparseable chains train (with a warning and a record); UNSAFE ones never do by default."""
+    from mote_ray.training.data import flag_policy, flag_warning
+    from mote_ray.training.run import count_usable
+
+    rows = [_row("unparseable", True) for _ in range(3)] + [_row("unparseable", True, error="boom")]
+    usable, dropped, flagged = count_usable(_chains(tmp_path, rows), False)
+    assert usable == 3 and dropped == {"error": 1}
+    assert flagged["unparseable"] == 3 and flagged["train_unparseable"] and "no verdict" in flagged["policy"]
+    assert "WARNING" in flag_warning(flagged)
+    # One parseable verdict anywhere in the set (here an earlier attempt) turns the check back on.
+    rows[0]["attempts"] = [{"stage": "direct", "verdict": "unsafe"}, {"stage": "answer", "verdict": "unparseable"}]
+    p = flag_policy(rows, False)
+    assert not p["train_unparseable"] and flag_warning(p) is None
+    assert [drop_reason(r, False, p["train_unparseable"]) for r in rows[:3]] == ["flagged"] * 3
+    # A verdict that says UNSAFE is excluded even when every other verdict is unparseable.
+    mixed = [_row("unparseable", True), {**_row("unsafe", True), "attempts": []}]
+    assert not flag_policy(mixed, False)["train_unparseable"]
+    # include_flagged still trains on all of them.
+    assert flag_policy(mixed, True)["train_unsafe"] and drop_reason(mixed[1], True) is None
 
 
 def test_trainable_state_loads_strictly(tiny_mote):
@@ -147,3 +181,32 @@ def test_mlflow_store_holds_the_logged_metrics(tmp_path):
     assert [(m.step, m.value) for m in hist] == [(1, 3.0), (2, 1.5)]
     run = client.get_run(t.run_id)
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+
+
+_RETAINED = """
+import sys, psutil, torch
+from mote_ray.training.loop import return_large_frees_to_os
+if sys.argv[1] == "fixed":
+    assert return_large_frees_to_os()
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+first = torch.ones(20 * 2**18)  # 20 MiB, freed: glibc's dynamic threshold rises past 16 MiB
+del first
+layer = torch.ones(16 * 2**18)  # an all-gathered layer (16 MiB) ...
+keep = torch.ones(2**12)  # ... then a small tensor that outlives it (an activation)
+before = rss()
+del layer  # reshard
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_freed_layer_buffers_return_to_the_os():
+    """FSDP2 frees each layer's all-gathered parameters after the layer; with glibc's dynamic mmap
+    threshold they stay resident (a rank's RSS grew by the whole unsharded model in one forward, so
+    2 ranks peaked like 1). The training workers fix the threshold (loop.return_large_frees_to_os)."""
+    def released(mode):
+        out = subprocess.run([sys.executable, "-c", _RETAINED, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    assert released("default") < 4  # the mechanism: the freed 16 MiB stays in the heap
+    assert released("fixed") > 12  # fixed threshold: the 16 MiB goes back to the OS

@@ -60,17 +60,68 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "stages": stages, "attention_mask": att}
 
 
-def drop_reason(row: dict, include_flagged: bool) -> str | None:
-    """Why a chain is not trained on (None: it is). Flagged chains (the model's own safety check
-    called the answer unsafe, or could not parse its verdict) stay on disk but out of training by
-    default: the method learns from chains that passed the model's own check."""
+PARSEABLE = ("safe", "unsafe")
+
+
+def _verdicts(row: dict) -> list:
+    return [row.get("verdict")] + [a.get("verdict") for a in row.get("attempts") or [] if isinstance(a, dict)]
+
+
+def flag_kind(row: dict) -> str:
+    """Why a flagged chain is flagged: "unparseable" (its last self-check could not be parsed) or
+    "unsafe" (it said UNSAFE; a flagged chain without a recorded verdict counts as unsafe)."""
+    return "unparseable" if row.get("verdict") == "unparseable" else "unsafe"
+
+
+def flag_policy(rows: list[dict], include_flagged: bool) -> dict:
+    """Which flagged chains train, decided once per chain set (the driver and every worker compute
+    the same from the same rows).
+
+    UNSAFE verdicts are never trained on by default. Unparseable verdicts are excluded too while the
+    check works (some verdict in the set parses); when not one verdict in the set parses, the check
+    gives no signal for this model, so they are trained on, with a warning. `include_flagged`
+    trains on every flagged chain. Returns {"unsafe", "unparseable", "policy", "train_unsafe",
+    "train_unparseable"}."""
+    kinds = [flag_kind(r) for r in rows if r.get("flagged") and _usable_otherwise(r) is None]
+    out = {"unsafe": kinds.count("unsafe"), "unparseable": kinds.count("unparseable")}
+    if include_flagged:
+        return {**out, "policy": "include_flagged: every flagged chain trained on", "train_unsafe": True,
+                "train_unparseable": True}
+    if out["unparseable"] and not any(v in PARSEABLE for r in rows for v in _verdicts(r)):
+        return {**out, "policy": "no verdict in the set parses (the self-check gives no signal for this model): "
+                                 "unparseable chains trained on, unsafe ones excluded",
+                "train_unsafe": False, "train_unparseable": True}
+    return {**out, "policy": "flagged chains excluded (unsafe and unparseable verdicts)", "train_unsafe": False,
+            "train_unparseable": False}
+
+
+def flag_warning(policy: dict) -> str | None:
+    """The loud line to print when chains without a usable safety verdict are trained on."""
+    if policy["train_unparseable"] and policy["unparseable"] and not policy["train_unsafe"]:
+        return (f"WARNING: not one of the chains has a parseable safety verdict, so the model's own check gives no "
+                f"signal; training on {policy['unparseable']} chains with unparseable verdicts "
+                f"({policy['unsafe']} UNSAFE ones stay excluded). Recorded in train_metrics.json (flagged).")
+    return None
+
+
+def _usable_otherwise(row: dict) -> str | None:
     if row.get("error") is not None:
         return "error"
     if row.get("answer") is None:
         return "no_answer"
     if not row.get("kept", True):
         return "not_kept"
-    if row.get("flagged") and not include_flagged:
+    return None
+
+
+def drop_reason(row: dict, include_flagged: bool = False, train_unparseable: bool = False) -> str | None:
+    """Why a chain is not trained on (None: it is). Flagged chains stay on disk but out of training
+    by default (the method learns from chains that passed the model's own check); see flag_policy
+    for when unparseable ones train."""
+    reason = _usable_otherwise(row)
+    if reason:
+        return reason
+    if row.get("flagged") and not include_flagged and not (train_unparseable and flag_kind(row) == "unparseable"):
         return "flagged"
     return None
 

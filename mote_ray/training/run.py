@@ -67,6 +67,7 @@ class TrainConfig(BaseModel):
 def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address: str | None = None) -> dict:
     from mote_ray.cluster import init_ray
     from mote_ray.models import resolve_model
+    from mote_ray.training.data import flag_warning
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,9 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
         config = config.model_copy(update={"mote": config.mote.model_copy(update={"n_experts": 0})})
     resources = init_ray(address)
     use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) >= config.workers
-    usable, dropped = count_usable(files, config.include_flagged)
+    usable, dropped, flagged = count_usable(files, config.include_flagged)
+    if warning := flag_warning(flagged):
+        print(f"\n{'!' * 100}\nmote-ray train: {warning}\n{'!' * 100}\n", flush=True)
     if usable < config.workers:
         hint = (" Flagged chains (the model's own check found the answer unsafe or could not parse its verdict) "
                 "are not trained on by default; --set include_flagged=true trains on them anyway."
@@ -91,22 +94,27 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
     return export_run(config, model_path, result.checkpoint, out, usable)
 
 
-def count_usable(files: list[Path], include_flagged: bool) -> tuple[int, dict]:
-    """Usable chains and the others per reason (the same rule the workers apply, data.drop_reason)."""
+def count_usable(files: list[Path], include_flagged: bool) -> tuple[int, dict, dict]:
+    """Usable chains, the others per reason, and the flagged-chain policy (data.flag_policy): the
+    same rule the workers apply to the same rows."""
     import pyarrow.parquet as pq
 
-    from mote_ray.training.data import drop_reason
+    from mote_ray.training.data import drop_reason, flag_policy
 
+    rows = []
+    for f in files:
+        cols = [c for c in ("answer", "kept", "flagged", "error", "verdict", "attempts") if c in pq.read_schema(f).names]
+        rows += pq.read_table(f, columns=cols).to_pylist()
+    policy = flag_policy(rows, include_flagged)
     dropped: dict[str, int] = {}
     usable = 0
-    for f in files:
-        for row in pq.read_table(f, columns=["answer", "kept", "flagged", "error"]).to_pylist():
-            reason = drop_reason(row, include_flagged)
-            if reason:
-                dropped[reason] = dropped.get(reason, 0) + 1
-            else:
-                usable += 1
-    return usable, dropped
+    for row in rows:
+        reason = drop_reason(row, include_flagged, policy["train_unparseable"])
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            usable += 1
+    return usable, dropped, policy
 
 
 def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_gpu: bool, resources: dict,
@@ -119,8 +127,13 @@ def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_
     from mote_ray.training.loop import train_loop
     from mote_ray.training.tracking import resolve_mlflow_uri
 
-    cols = ["id", "history", "question", "analysis", "guidance", "answer", "kept", "flagged", "error"]
-    ds = ray.data.read_parquet([str(f) for f in files], columns=cols).materialize()  # read before workers take CPUs
+    import pyarrow.parquet as pq
+
+    cols = ["id", "history", "question", "analysis", "guidance", "answer", "kept", "flagged", "error", "verdict",
+            "attempts"]
+    names = set(pq.read_schema(files[0]).names)
+    # read before workers take CPUs
+    ds = ray.data.read_parquet([str(f) for f in files], columns=[c for c in cols if c in names]).materialize()
     tracking = {**config.tracking.model_dump(), "mlflow": resolve_mlflow_uri(config.tracking.mlflow, out)}
     trainer = TorchTrainer(
         train_loop,
@@ -183,7 +196,8 @@ def export_run(config: TrainConfig, model_path: str, checkpoint, out: Path, n_ro
     val = state["val_history"][-1] if state["val_history"] else {}
     metrics = {"method": config.method, "steps": state["step"], "chains": n_rows, "workers": state["workers"],
                "sharding": state["sharding"], "dtype": state["dtype"], "split": state["split"],
-               "not_trained_on": state["dropped"], "lr": last["lr"], "grad_norm": last["grad_norm"],
+               "not_trained_on": state["dropped"], "flagged": state.get("flagged"), "lr": last["lr"],
+               "grad_norm": last["grad_norm"],
                **{k: v for k, v in val.items() if k != "step"}, "val_history": state["val_history"],
                "mlflow": {"tracking_uri": config.tracking.mlflow and _uri(config, out), "run_id": state["run_id"]},
                "config": config.model_dump(mode="json"),
