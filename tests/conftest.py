@@ -109,3 +109,29 @@ def random_mote_dir(random_mote, tmp_path_factory):
     out = tmp_path_factory.mktemp("random-mote")
     save_mote(model, out / "mote", save_base(model, tok, out / "base"))
     return out
+
+
+@pytest.fixture(scope="session")
+def format_mote_dir(ray_local, tiny_model_hd32, tmp_path_factory):
+    """One tiny MoTE model per session, trained by the real training job on format-only chains
+    (tests/fakes.py) until it writes every stage and closes each with its own end token; the base is
+    the vLLM-loadable tiny model. Shared and read-only: a test that serves it or writes next to it
+    takes `copy_model(format_mote_dir, dest)`."""
+    from mote_ray.training.run import TrainConfig, run_train
+
+    from .fakes import write_format_chains
+
+    d = tmp_path_factory.mktemp("format-mote")
+    write_format_chains(d / "chains", 32, question="Question number {i}?")
+    cfg = TrainConfig(model=tiny_model_hd32, max_steps=60, batch_size=8, lr=1e-2, checkpoint_every=60, val_share=0.0,
+                      schedule="constant", warmup_ratio=0.0, max_grad_norm=None, mote={"r": 8, "p_skip": 0.0})
+    run_train(cfg, d / "chains", d / "run")
+    return d / "run"
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    """A private copy of a shared trained model, for a test that may write into it."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest

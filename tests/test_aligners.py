@@ -11,7 +11,7 @@ from mote_ray.aligners.criteria import CRITERIA, finds_fault
 from mote_ray.aligners.data import check
 from mote_ray.aligners.squad import Squad
 
-from .conftest import requires_vllm
+from .conftest import copy_model, requires_vllm
 
 ETH = CRITERIA["ethical"]
 
@@ -131,14 +131,12 @@ def test_aligner_generation_stops_at_done_on_both_engines(okay_aligner, engine):
     eng.close()
 
 
-def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, tiny_model_hd32, tmp_path, datasets_dir):
+def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, format_mote_dir, tmp_path, datasets_dir):
     from openai import OpenAI
 
     from mote_ray.aligners.squad import run_apply
     from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
-    from mote_ray.generation import write_chains
     from mote_ray.serving.local import LocalServer, free_port
-    from mote_ray.training.run import TrainConfig, run_train
 
     d = squad_dir[0]
     rows = tmp_path / "rows.jsonl"
@@ -151,10 +149,7 @@ def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, tiny_model_
     import ray
 
     ray.shutdown()  # the servers below start their own
-    write_chains([{"question": f"Question {i}?", "answer": "Here you go."} for i in range(8)], tmp_path / "chains")
-    run_train(TrainConfig(model=tiny_model_hd32, max_steps=4, batch_size=8, checkpoint_every=4, mote={"r": 4}),
-              tmp_path / "chains", tmp_path / "up")
-    ray.shutdown()
+    copy_model(format_mote_dir, tmp_path / "up")  # the upstream: the session's tiny MoTE model
     with LocalServer(["--model", str(tmp_path / "up"), "--replicas", "1"]) as up, \
             LocalServer(["--squad", str(d / "squad"), "--upstream", up.base_url + "/v1"], command=("aligners", "serve")) as px:
         client = OpenAI(base_url=px.base_url + "/v1", api_key="none", max_retries=0)

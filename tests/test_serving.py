@@ -9,24 +9,19 @@ import urllib.request
 import pytest
 
 from mote_ray.serving.local import LocalServer
-from mote_ray.training.run import TrainConfig, run_train
 
-from .conftest import SHARED
-from .fakes import write_format_chains
+from .conftest import SHARED, copy_model
 
 pytestmark = pytest.mark.ray
 KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tiny_model_hd32, tmp_path_factory):
-    """A tiny MoTE model trained on format-only chains by the real training job (vLLM-loadable base)."""
-    d = tmp_path_factory.mktemp("serve-model")
-    write_format_chains(d / "gen", 16)
-    run_train(TrainConfig(model=tiny_model_hd32, max_steps=30, batch_size=8, lr=1e-2, checkpoint_every=30,
-                          mote={"r": 8, "p_skip": 0.0}), d / "gen", d / "run")
+def trained(ray_local, format_mote_dir, tmp_path_factory):
+    """The session's tiny MoTE model (conftest.format_mote_dir), copied: the servers read and may write it."""
+    run = copy_model(format_mote_dir, tmp_path_factory.mktemp("serve-model") / "run")
     ray_local.shutdown()  # each server starts its own Ray
-    return d / "run"
+    return run
 
 
 @pytest.fixture(scope="module")

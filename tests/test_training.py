@@ -133,17 +133,14 @@ def test_whole_run_stop_resumes_and_seeded_runs_are_identical(ray_local, tiny_mo
     assert [h["loss"] for h in resumed[3:]] == pytest.approx([h["loss"] for h in straight[3:]], rel=1e-6)
 
 
-def test_generator_emits_well_formed_stages_after_format_training(ray_local, tiny_model, tmp_path):
+def test_generator_emits_well_formed_stages_after_format_training(format_mote_dir):
+    """The session's format-trained model (conftest.format_mote_dir: 60 steps on 32 format chains)."""
     from mote_ray.chat import encode
     from mote_ray.mote.export import load_mote
     from mote_ray.mote.generate import MoTEGenerator
     from mote_ray.records import GenerationRequest
 
-    write_format_chains(tmp_path / "chains", 32, question="Question number {i}?")
-    cfg = TrainConfig(model=tiny_model, max_steps=60, batch_size=8, lr=1e-2, checkpoint_every=60, val_share=0.0,
-                      schedule="constant", warmup_ratio=0.0, max_grad_norm=None, mote={"r": 8, "p_skip": 0.0})
-    run_train(cfg, tmp_path / "chains", tmp_path / "run")
-    model, tok = load_mote(tmp_path / "run")
+    model, tok = load_mote(format_mote_dir)
     gen = MoTEGenerator(model, tok)
     ids = encode(tok, GenerationRequest(messages=[{"role": "user", "content": "Question number 99?"}]))
     full = gen.generate(ids, mode="full", limits={"analysis": 12, "guidance": 12, "answer": 12})
