@@ -80,11 +80,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def put(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """A copy of `data` with the dotted `path` set to `value` (the dicts on the way are copied, not mutated)."""
+    from mote_ray.errors import MoteError
+
     out = dict(data)
     node = out
     parts = path.split(".")
-    for part in parts[:-1]:
-        node[part] = dict(node.get(part) or {})
+    for i, part in enumerate(parts[:-1]):
+        below = node.get(part)
+        if below is not None and not isinstance(below, dict):  # e.g. `engine: vllm`, then engine.model=...
+            raise MoteError(f"{path}: {'.'.join(parts[:i + 1])} holds {type(below).__name__} {below!r}, "
+                            "not a mapping of fields")
+        node[part] = dict(below or {})
         node = node[part]
     node[parts[-1]] = value
     return out

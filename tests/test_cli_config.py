@@ -152,6 +152,11 @@ def test_unknown_flags_exit_2_naming_the_flag(argv, capsys):
     ([*GEN, "--max-model-len", "64"], "stage budgets do not fit engine.max_model_len=64"),
     (["anchored", "dpo", "--pairs", "p", "--out", "o"], "model: Field required"),
     (["anchored"], "needs a command: pairs, dpo, eval"),
+    # a scalar where a dotted path descends: one line, not a ValueError/TypeError traceback
+    ([*TRAIN, "--set", "mote=8", "--set", "mote.r=4"], "mote.r: mote holds int 8, not a mapping of fields"),
+    # suite flags without --suite would be silently ignored
+    (["eval", "--model", "m", "--format", "advbench", "--limit", "3", "--out", "o"],
+     "--format, --limit need --suite NAME"),
 ])
 def test_invalid_values_are_one_line_naming_the_field(argv, needle, capsys):
     assert main(argv) == 2

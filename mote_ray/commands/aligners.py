@@ -28,7 +28,7 @@ class _Data(Command):
     topics: str | None = Field(None, description="comma-separated seed topics the model writes questions about")
     criteria: str | None = Field(None, description="comma-separated criteria (default: ethical,factual,helpful)")
     limit: int | None = Field(None, ge=1, description="first N questions")
-    set: list[str] = set_field("AlignerDataConfig", "max_tokens.draft=64")
+    set: list[str] = set_field("AlignerDataConfig", "max_tokens.draft=64", has_config=False)
     out: str
 
     def run(self) -> int:
@@ -55,7 +55,7 @@ class _Train(Command):
     """One aligner model and one inspector per criterion -> a squad directory."""
 
     data: str = Field(description="an `aligners data` output directory")
-    set: list[str] = set_field("AlignerTrainConfig", "lora_r=8")
+    set: list[str] = set_field("AlignerTrainConfig", "lora_r=8", has_config=False)
     out: str
 
     def run(self) -> int:

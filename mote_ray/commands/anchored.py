@@ -32,7 +32,7 @@ class _Tasks(Command):
 class _Pairs(_Tasks):
     """Sample N explained answers per task, judge them, build anchored + rank pairs."""
 
-    set: list[str] = set_field("PairsConfig", "explanation_tokens=24")
+    set: list[str] = set_field("PairsConfig", "explanation_tokens=24", has_config=False)
     out: str
 
     def run(self) -> int:
@@ -58,7 +58,7 @@ class _DPO(Command):
     """DPO (TRL) on Ray Train; the reference is --model, a fresh LoRA is trained."""
 
     pairs: str = Field(description="an `anchored pairs` output directory")
-    set: list[str] = set_field("DPOJobConfig", "epochs=3")
+    set: list[str] = set_field("DPOJobConfig", "epochs=3", has_config=False)
     out: str
 
     def run(self) -> int:

@@ -130,6 +130,6 @@ def address_field():
     return Field(None, description=ADDRESS_HELP)
 
 
-def set_field(what: str, example: str):
-    return Field(default_factory=list, description=SET_HELP.replace("config field", f"{what} field")
-                 .replace("mote.r=8", example))
+def set_field(what: str, example: str, has_config: bool = True):
+    text = SET_HELP.replace("config field", f"{what} field").replace("mote.r=8", example)
+    return Field(default_factory=list, description=text if has_config else text.replace(" --config YAML,", ""))

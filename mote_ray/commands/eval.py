@@ -53,8 +53,12 @@ class _Eval(Command):
                                 limit=self.limit, keep_label=self.keep_label, templates=self.templates,
                                 templates_per_prompt=self.templates_per_prompt)
             adds["suites"] = list(listed.get("suites") or []) + [suite.model_dump()]
-        elif self.data:
-            raise MoteError("--data needs --suite NAME (which suite the files are for)")
+        else:  # suite flags without a suite would be silently ignored
+            given = [f"--{name.replace('_', '-')}" for name in ("data", "format", "column", "limit", "keep_label",
+                                                                "templates", "templates_per_prompt")
+                     if name in self.model_fields_set]
+            if given:
+                raise MoteError(f"{', '.join(given)} need --suite NAME (which suite they are for)")
         return super().layers(config_cls, **adds, **extra)
 
     def run(self) -> int:
