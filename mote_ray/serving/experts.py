@@ -47,6 +47,19 @@ class _ChainServer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    async def _stage(self, req, on_tokens):
+        """One stage request on a batch engine (`engine.run`): concurrent chains' stage requests are
+        batched together; a stage's tokens reach `on_tokens` when its batch is done."""
+        res = await self._batched(req)
+        if on_tokens is not None and res.token_ids:
+            await on_tokens(list(res.token_ids))
+        return res
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, requests: list) -> list:
+        # Off the event loop, so health checks and new requests are accepted while a batch runs.
+        return await asyncio.to_thread(self.engine.run, requests)
+
     async def _run(self, steps, on_text=None, stop=()):
         """Drive a chain; `on_text(stage, delta)` gets each stage's text as it grows. With `stop`
         strings the answer's engine request ends as soon as one appears (the chain cuts the text)."""
@@ -140,17 +153,9 @@ class ExactExpert(_ChainServer):
         log.info("ExactExpert engine: %s (%s)", self.name, why)
 
     async def _stage(self, req, on_tokens):
-        if self.name == "vllm":
+        if self.name == "vllm":  # continuous batching inside the engine
             return await self.engine.run_stage(req, on_tokens)
-        res = await self._batched(req)
-        if on_tokens is not None and res.token_ids:
-            await on_tokens(list(res.token_ids))
-        return res
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, requests: list) -> list:
-        # Off the event loop, so health checks and new requests are accepted while a batch runs.
-        return await asyncio.to_thread(self.engine.run, requests)
+        return await super()._stage(req, on_tokens)
 
     def engine_stats(self) -> dict:
         """The engine's own count of requests it still holds (vLLM), for fault tests and readiness."""
@@ -176,16 +181,6 @@ class LoraExpert(_ChainServer):
         self.name = self.engine.name
         self._setup(model_dir, self.engine.engine.config.max_model_len)
         log.info("LoraExpert engine: %s", self.name)
-
-    async def _stage(self, req, on_tokens):
-        res = await self._batched(req)
-        if on_tokens is not None and res.token_ids:
-            await on_tokens(list(res.token_ids))
-        return res
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, requests: list) -> list:
-        return await asyncio.to_thread(self.engine.run, requests)
 
     def engine_stats(self) -> dict:
         return {"engine": self.name, "unfinished_requests": None}
