@@ -161,7 +161,10 @@ def _proxy(upstream_seen: list):
     from mote_ray.serving.api import KeyRing
 
     def upstream(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+        try:
+            body = json.loads(request.content)
+        except RecursionError:  # as our Serve app answers a body nested too deeply to parse
+            return httpx.Response(400, json={"error": {"message": "too deep", "type": "invalid_request_error"}})
         upstream_seen.append(body)
         if not isinstance(body.get("stream", False), bool) or "stream_options" in body:  # what our Serve app refuses
             return httpx.Response(400, json={"error": {"message": "stream: bad", "type": "invalid_request_error"}})
@@ -209,6 +212,31 @@ def test_proxy_forwards_what_it_cannot_utf8_encode_and_refuses_infinite_numbers(
     assert status == 200 and seen[-1]["messages"] == body["messages"]  # the upstream judges the same value
     status, text = _proxy_call(proxy, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1e400}')
     assert status == 400 and json.loads(text)["error"]["message"]
+
+
+def test_proxy_never_answers_500_on_json_nested_near_the_recursion_limit():
+    """A body parsed just under the recursion limit could fail to be written back upstream (a 500 before)."""
+    import sys
+
+    proxy = _proxy([])
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 250, limit + 10):  # the window moves with the stack depth of the caller
+        raw = json.dumps(GOOD)[:-1].encode() + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+        status, text = _proxy_call(proxy, raw)
+        assert status in (200, 400), (depth, status, text[:200])
+        if status == 400:
+            assert json.loads(text)["error"]["message"]
+
+
+def test_proxy_refuses_to_start_when_its_upstream_key_variable_is_unset(tmp_path, monkeypatch):
+    from mote_ray.aligners.proxy import build_proxy
+    from mote_ray.errors import MoteError
+
+    (tmp_path / "squad.json").write_text("{}")
+    monkeypatch.delenv("MOTE_TEST_UPSTREAM_KEY", raising=False)
+    with pytest.raises(MoteError, match="MOTE_TEST_UPSTREAM_KEY"):  # before: every request went upstream keyless
+        build_proxy({"squad": str(tmp_path), "upstream": "http://up", "upstream_key_env": "MOTE_TEST_UPSTREAM_KEY",
+                     "insecure": True})
 
 
 def test_proxy_never_rewrites_an_invalid_stream_into_a_valid_request():

@@ -79,12 +79,10 @@ class SquadProxy:
         # Only our own upstream key goes upstream; the caller's Authorization header stays here.
         return {"Authorization": f"Bearer {self.key}"} if self.key else {}
 
-    async def _forward(self, method: str, path: str, body: dict | None = None):
+    async def _forward(self, method: str, path: str, content: bytes | None = None):
+        """`content`: the JSON body, serialized once by the caller (see `chat`)."""
         import httpx
 
-        # json.dumps' ASCII escapes carry any parsed value (a lone surrogate included) to the upstream unchanged,
-        # so the upstream judges exactly what the caller sent; httpx's own UTF-8 encoding raised on those.
-        content = None if body is None else json.dumps(body).encode()
         headers = {**self._headers(), **({"Content-Type": "application/json"} if content is not None else {})}
         try:
             r = await self.client.request(method, self.upstream + path, content=content, headers=headers)
@@ -129,10 +127,6 @@ class SquadProxy:
             assert isinstance(body, dict)
         except (ValueError, RecursionError, AssertionError):
             return _error(400, "request body must be a JSON object", "invalid_json")
-        try:
-            json.dumps(body, allow_nan=False)
-        except ValueError:  # 1e400 parses to inf: not a number JSON can carry upstream
-            return _error(400, "request body has a number out of range (not finite)", "invalid_json")
         opts = body.pop("squad", None)
         if opts is not None and not (isinstance(opts, dict) and set(opts) <= {"return_trace"}
                                      and isinstance(opts.get("return_trace", False), bool)):
@@ -152,7 +146,15 @@ class SquadProxy:
                                     status_code=400)
             include_usage = bool((so or {}).get("include_usage"))
             body["stream"] = False
-        data, err = await self._forward("POST", "/chat/completions", body)
+        # Serialized once, here: json.dumps' ASCII escapes carry any parsed value (a lone surrogate included)
+        # to the upstream unchanged, so it judges exactly what the caller sent (httpx's UTF-8 encoding raised).
+        try:
+            content = json.dumps(body, allow_nan=False).encode()
+        except ValueError:  # 1e400 parses to inf: not a number JSON can carry upstream
+            return _error(400, "request body has a number out of range (not finite)", "invalid_json")
+        except RecursionError:  # parsed just under the recursion limit, one frame too deep to write back
+            return _error(400, "request body is nested too deeply", "invalid_json")
+        data, err = await self._forward("POST", "/chat/completions", content)
         if err:
             return err
         try:
@@ -194,5 +196,8 @@ def build_proxy(args: dict):
     from mote_ray.serving.deployments import auth_from_args
 
     auth = auth_from_args({k: args.get(k) for k in ("api_key_env", "insecure", "loopback_only")})
+    key_env = args.get("upstream_key_env")
+    if key_env and not os.environ.get(key_env):  # else every request would go upstream without a key, silently
+        raise MoteError(f"--upstream-key-env {key_env}: ${key_env} is not set (or empty)")
     return SquadProxy.bind(str(squad), args["upstream"], args.get("engine") or "transformers", args.get("upstream_key_env"),
                            float(args.get("timeout_s", 120)), auth)
