@@ -39,8 +39,9 @@ class TrainConfig(BaseModel):
     epochs: int = Field(3, ge=1)  # paper: 3
     max_steps: int | None = Field(None, ge=1)
     max_len: int = Field(512, ge=16)
-    # Precision: auto = bf16 on GPU (FSDP2 MixedPrecisionPolicy, fp32 reductions), fp32 on CPU where
-    # bf16 matmuls are slower on most hosts (benchmarks/results/training.json); bf16 on CPU allowed.
+    # Precision: auto = bf16 on GPU (FSDP2 MixedPrecisionPolicy, fp32 reductions), fp32 on CPU, where
+    # bf16 speed depends on the host's matmul support (bf16_vs_fp32_step_time in
+    # benchmarks/results/training.json measures this one); bf16 on CPU allowed.
     # The frozen base is stored in this dtype; experts and stage-token rows stay fp32 master weights.
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     activation_checkpointing: bool = False  # per decoder layer: less activation memory, ~1/3 more compute
