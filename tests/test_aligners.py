@@ -105,15 +105,65 @@ def test_aligner_training_lowers_the_loss_after_aligned_and_inspectors_score(squ
 
 
 @pytest.fixture(scope="module")
-def okay_aligner(ray_local, tiny_model_hd32, tmp_path_factory):
-    """A fixture criterion whose y' is always "OK.": the aligner learns to write it and stop at [DONE]."""
+def okay_run(ray_local, tiny_model_hd32, tmp_path_factory):
+    """A fixture criterion whose y' is always "OK.": the aligner learns to write it and stop at [DONE].
+    Two DDP workers on 15 rows (uneven shards), the Ray Train run in a storage_path outside OUT."""
     from mote_ray.aligners.train import AlignerTrainConfig, train_aligner
 
-    rows = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in range(16)]
-    out = tmp_path_factory.mktemp("okay") / "okay"
-    train_aligner(AlignerTrainConfig(model=tiny_model_hd32, max_steps=60, lr=1e-2, batch_size=8),
-                  "okay", rows, rows[:2], out)
-    return out
+    rows = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in range(15)]
+    d = tmp_path_factory.mktemp("okay")
+    cfg = AlignerTrainConfig(model=tiny_model_hd32, max_steps=30, lr=1e-2, batch_size=8, workers=2,
+                             storage_path=str(d / "storage"))
+    metrics = train_aligner(cfg, "okay", rows, rows[:2], d / "squad")
+    return d, metrics
+
+
+@pytest.fixture(scope="module")
+def okay_aligner(okay_run):
+    return okay_run[0] / "squad" / "aligners" / "okay"
+
+
+def test_aligner_outputs_come_back_through_the_checkpoint_and_mlflow_holds_the_run(okay_run):
+    """Workers never write to the driver's OUT: rank 0 reports its outputs as the run's checkpoint in
+    storage_path, the driver copies them in. Two ranks on 15 rows finish (equal steps per rank)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    d, m = okay_run
+    checkpoints = [c for c in (d / "storage" / "aligner-okay").glob("checkpoint_*") if c.is_dir()]
+    assert len(checkpoints) == 1 and (checkpoints[0] / "aligner_metrics.json").is_file()
+    out = d / "squad" / "aligners" / "okay"
+    assert (out / "model.safetensors").is_file() and (out / "aligner_metrics.json").is_file()
+    assert not (d / "squad" / "ray").exists()  # the run went to storage_path, not under OUT
+    assert m["workers"] == 2 and m["steps"] == 30 and len(m["history"]) == 30
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(m["mlflow"]["tracking_uri"])
+    assert m["mlflow"]["tracking_uri"] == (d / "squad" / "mlruns").as_uri()
+    run = client.get_run(m["mlflow"]["run_id"])
+    assert run.info.run_name == "aligner-okay" and run.info.status == "FINISHED"
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 31))
+    assert run.data.metrics["held_out_loss_after"] == pytest.approx(m["held_out_loss_after"])
+
+
+def test_aligner_loss_is_on_the_completion_only(tiny_model_hd32, tmp_path):
+    """TRL's prompt-completion rows: labels cover exactly y' [DONE] (nothing appended after [DONE]),
+    -100 on the prompt x [INIT] y [ALIGNED] and on padding."""
+    from mote_ray.aligners.train import AlignerTrainConfig, sft_trainer
+
+    cfg = {**AlignerTrainConfig(max_steps=1).model_dump(), "base": tiny_model_hd32}
+    rows = [{"question": "Question 1?", "draft": "Draft 1.", "corrected": "OK."},
+            {"question": "Why is the sky blue on a clear day?", "draft": "No idea.", "corrected": "Light scatters."}]
+    trainer = sft_trainer(cfg, rows, [], str(tmp_path))
+    tok = trainer.processing_class
+    aligned, done = tok.convert_tokens_to_ids(["[ALIGNED]", "[DONE]"])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for ids, labels, mask, row in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], rows):
+        ids, labels, n = ids.tolist(), labels.tolist(), int(mask.sum())
+        start = ids.index(aligned) + 1  # the completion starts right after [ALIGNED]
+        assert labels[:start] == [-100] * start and labels[n:] == [-100] * (len(ids) - n)
+        assert labels[start:n] == ids[start:n] and ids[n - 1] == done  # y' then [DONE], last real token
+        assert tok.decode(ids[start:n - 1]).strip() == row["corrected"]
 
 
 @pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm, requires_vllm])])

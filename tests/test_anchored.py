@@ -128,11 +128,22 @@ def test_anchored_pairs_dpo_and_table_from_the_cli(ray_local, tiny_model, datase
     assert {p["split"] for p in pairs} == {"train", "held_out"}
     # DPO: the reference is the model the pairs came from; policy == reference at step 0 -> log 2.
     assert main(["anchored", "dpo", "--pairs", str(tmp_path / "pairs"), "--model", tiny_model, "--kind", "anchor",
-                 "--set", "epochs=3", "--out", str(tmp_path / "dpo")]) == 0
+                 "--set", "epochs=3", "--storage-path", str(tmp_path / "storage"), "--out", str(tmp_path / "dpo")]) == 0
     m = json.loads((tmp_path / "dpo/dpo_metrics.json").read_text())
     assert m["step0_loss"] == pytest.approx(math.log(2), abs=1e-4) and m["margin_before"] == pytest.approx(0, abs=1e-5)
     assert m["margin_after"] > m["margin_before"]  # the held-out chosen-vs-rejected reward margin rises
-    assert (tmp_path / "dpo/adapter/adapter_config.json").is_file()
+    # Rank 0's outputs reach OUT through the run's checkpoint in storage_path, not a driver path.
+    (ckpt,) = [c for c in (tmp_path / "storage/dpo").glob("checkpoint_*") if c.is_dir()]
+    assert (ckpt / "adapter/adapter_config.json").is_file() and (tmp_path / "dpo/adapter/adapter_config.json").is_file()
+    assert not (tmp_path / "dpo/ray").exists()
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((tmp_path / "dpo/mlruns").as_uri())
+    assert m["mlflow"]["tracking_uri"] == (tmp_path / "dpo/mlruns").as_uri()
+    assert len(client.get_metric_history(m["mlflow"]["run_id"], "loss")) == m["steps"] == len(m["history"]) > 0
     assert main(["anchored", "eval", "--model", f"base={tiny_model}", "--model", f"anchor={tmp_path / 'dpo'}",
                  "--data", data, "--format", "openbookqa", "--limit", "6", "--engine", "transformers",
                  "--out", str(tmp_path / "eval")]) == 0
@@ -151,23 +162,20 @@ def test_reference_model_merges_a_one_lora_training_output(tiny_model, tmp_path)
     """The reference is the fine-tuned model (adapter merged), never silently the raw base."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mote_ray.anchored.dpo import reference_model
+    from mote_ray.anchored.dpo import check_reference, load_reference
 
     run = tmp_path / "sft"
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     base.save_pretrained(run / "base")
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(run / "base")
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
     peft.save_pretrained(run / "adapters" / "default")
-    ref = reference_model(str(run), tmp_path / "dpo")
-    merged = AutoModelForCausalLM.from_pretrained(ref)
+    merged, _ = load_reference(check_reference(str(run)))
     x = torch.tensor([[1, 50, 60, 70]])
     with torch.no_grad():
         assert torch.allclose(merged(x).logits, peft(x).logits, atol=1e-4)

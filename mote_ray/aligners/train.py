@@ -1,17 +1,21 @@
 """`mote-ray aligners train`: one aligner model and one inspector per criterion -> a squad directory.
 
-Aligner: a small causal LM fine-tuned (full, or LoRA merged afterwards) on
-`x [INIT] y [ALIGNED] y' [DONE]` with the loss only on y' and [DONE]; the three markers are added as
-special tokens, so `[DONE]` is one token both engines stop on (`stop_token_ids`), never the first
-period. Trained with Ray Train (TorchTrainer; DDP over gloo/nccl with several workers).
+Aligner: a small causal LM fine-tuned (full, or LoRA merged afterwards) with TRL's SFTTrainer on
+prompt-completion rows, prompt `x [INIT] y [ALIGNED]`, completion `y' [DONE]`, the loss on the
+completion only; the three markers are added as special tokens, so `[DONE]` is one token both
+engines stop on (`stop_token_ids`), never the first period. Trained inside Ray Train with the
+conventions of training/conventions.py (worker sizing, storage_path, outputs through the run's
+checkpoint, MLflow from rank 0).
 Inspector: P(aligned | x, y), a logistic regression on the all-MiniLM-L6-v2 embedding of the pair,
 trained on y (label 0) vs y' (label 1) from rows whose critique found a fault and whose y and y'
 differ meaningfully (embedding cosine similarity below `min_difference`, default 0.95); accuracy
 and AUC on held-out questions.
 
     OUT/squad.json                  criteria, threshold, paths, metrics
-    OUT/aligners/<criterion>/       a plain model directory (both engines load it)
+    OUT/aligners/<criterion>/       a plain model directory (both engines load it) + aligner_metrics.json
     OUT/inspectors/<criterion>.json the fitted inspector
+    OUT/ray/aligner-<criterion>/    the Ray Train run and its checkpoint (storage_path: elsewhere)
+    OUT/mlruns/                     MLflow file store (tracking.mlflow: default), one run per aligner
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mote_ray.errors import MoteError
+from mote_ray.training.tracking import TrackingConfig
 
 MARKERS = ("[INIT]", "[ALIGNED]", "[DONE]")
 
@@ -43,6 +48,9 @@ class AlignerTrainConfig(BaseModel):
     held_out: float = Field(0.25, gt=0, lt=1)  # questions kept out of training, for losses and inspector scores
     min_difference: float = Field(0.95, gt=0, le=1)  # max cosine similarity of y and y' for an inspector pair
     threshold: float = Field(0.5, gt=0, lt=1)  # squad: align when an inspector scores below this
+    # Where the Ray Train runs (the aligners' checkpoints) go: a local path or a cloud URI; None = OUT/ray.
+    storage_path: str | None = None
+    tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns, one run per aligner), W&B when set
     seed: int = 0
 
 
@@ -55,101 +63,108 @@ def held_out(prompt_id: str, share: float, seed: int) -> bool:
     return random.Random(seed * 7919 + zlib.crc32(prompt_id.encode())).random() < share
 
 
-def _train_loop(cfg: dict) -> None:
-    import ray.train
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def completion_rows(rows: list[dict]) -> list[dict]:
+    """TRL prompt-completion rows: the prompt is x [INIT] y [ALIGNED], the completion y' [DONE]."""
+    return [{"prompt": aligner_text(r["question"], r["draft"]), "completion": f" {r['corrected'].strip()} [DONE]"}
+            for r in rows]
 
-    torch.manual_seed(cfg["seed"])
-    ctx = ray.train.get_context()
+
+def sft_trainer(cfg: dict, train: list[dict], held: list[dict], output_dir: str, rank: int = 0):
+    """TRL's SFTTrainer for one aligner: the markers added as special tokens (embeddings resized),
+    the loss on the completion only (TRL's default for prompt-completion rows: labels are -100 on
+    the prompt), and `[DONE]` as the EOS, so TRL appends nothing after a completion that already ends
+    with it (with the tokenizer's own EOS it would append `</s>` after `[DONE]`)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from mote_ray.training.conventions import precision_args
+
     tok = AutoTokenizer.from_pretrained(cfg["base"])
     tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token  # set before TRL makes [DONE] the EOS: padding stays </s>
     model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
     model.resize_token_embeddings(len(tok), mean_resizing=False)
+    peft = None
     if cfg["method"] == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        new_ids = tok.convert_tokens_to_ids(list(MARKERS))
-        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], target_modules="all-linear",
-                                                 trainable_token_indices={"embed_tokens": new_ids}))
-    device = ray.train.torch.get_device()  # a GPU when the worker has one (training/workers.py)
-    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
-
-    def encode(rows):
-        ids, labels = [], []
-        for r in rows:
-            head = tok(aligner_text(r["question"], r["draft"]), add_special_tokens=True)["input_ids"]
-            tail = tok(f" {r['corrected'].strip()} [DONE]", add_special_tokens=False)["input_ids"]
-            x = (head + tail)[: cfg["max_len"]]
-            ids.append(x)
-            labels.append(([-100] * len(head) + tail)[: cfg["max_len"]])
-        width = max(map(len, ids))
-        pad = tok.pad_token_id
-        return (torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-                torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
-                torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]))
-
-    def loss_on(rows):
-        x, y, m = (t.to(device) for t in encode(rows))
-        return model(input_ids=x, attention_mask=m, labels=y).loss
-
-    from mote_ray.training.workers import equal_shard
-
-    train = equal_shard(cfg["train"], ctx.get_world_rank(), ctx.get_world_size())  # same steps on every rank
-    held = cfg["held"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
-    model.eval()
-    with torch.no_grad():
-        held_before = float(loss_on(held)) if held else None
-    model.train()
-    rng, step, history = random.Random(cfg["seed"]), 0, []
-    total = cfg["max_steps"] or cfg["epochs"] * max(1, -(-len(train) // cfg["batch_size"]))
-    while step < total:
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg["batch_size"]):
-            if step >= total:
-                break
-            loss = loss_on([train[j] for j in order[i:i + cfg["batch_size"]]])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            history.append({"step": step, "loss": float(loss)})
-            ray.train.report({"step": step, "loss": float(loss)})
-    model.eval()
-    with torch.no_grad():
-        held_after = float(loss_on(held)) if held else None
-    if ctx.get_world_rank() == 0:
-        m = model.module if hasattr(model, "module") else model
-        if cfg["method"] == "lora":
-            m = m.merge_and_unload()
-        m.save_pretrained(cfg["out"])
-        tok.save_pretrained(cfg["out"])
-        Path(cfg["out"], "aligner_metrics.json").write_text(json.dumps({
-            "criterion": cfg["criterion"], "method": cfg["method"], "train_rows": len(cfg["train"]),
-            "held_out_rows": len(held), "steps": step, "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-            "held_out_loss_before": held_before, "held_out_loss_after": held_after, "history": history}, indent=2))
+        # The new marker rows train too (PEFT keeps them beside the frozen embedding; merged on save).
+        peft = LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], target_modules="all-linear",
+                          lora_dropout=0.0, task_type="CAUSAL_LM",
+                          trainable_token_indices={"embed_tokens": tok.convert_tokens_to_ids(list(MARKERS))})
+    args = SFTConfig(output_dir=output_dir, learning_rate=cfg["lr"], lr_scheduler_type="constant",
+                     num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"] or -1,
+                     per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
+                     max_length=cfg["max_len"], eos_token="[DONE]", completion_only_loss=True,
+                     gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[],
+                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0, **precision_args())
+    return SFTTrainer(model=model, args=args, processing_class=tok, peft_config=peft,
+                      train_dataset=Dataset.from_list(completion_rows(train)),
+                      eval_dataset=Dataset.from_list(completion_rows(held)) if held else None)
 
 
-def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict], held: list[dict], out: Path) -> dict:
-    from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
+def _train_loop(cfg: dict) -> None:
+    """One aligner on every Ray Train worker. HF Trainer's DistributedSampler (through accelerate)
+    splits the rows evenly and pads the last batch, so every rank runs the same number of steps
+    (DDP's collectives would hang otherwise)."""
+    import tempfile
 
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from mote_ray.training.conventions import mlflow_info, report_outputs, start_tracker, tracking_callback
+
+    torch.manual_seed(cfg["seed"])
+    ctx = ray.train.get_context()
+    tracker = start_tracker(cfg, params={k: cfg[k] for k in ("criterion", "method", "lr", "batch_size", "epochs",
+                                                             "max_steps", "lora_r", "workers", "base")})
+    scratch = tempfile.mkdtemp(prefix="aligner-")  # the trainer's own output_dir, on the worker
+    trainer = sft_trainer(cfg, cfg["train"], cfg["held"], scratch, ctx.get_world_rank())
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(tracking_callback(tracker))
+    trainer = prepare_trainer(trainer)
+    held = bool(cfg["held"])
+    before = trainer.evaluate()["eval_loss"] if held else None  # no held-out rows: None, never training rows
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"] if held else None
+    history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    metrics = {"criterion": cfg["criterion"], "method": cfg["method"], "train_rows": len(cfg["train"]),
+               "held_out_rows": len(cfg["held"]), "workers": ctx.get_world_size(), "steps": trainer.state.global_step,
+               "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+               "held_out_loss_before": before, "held_out_loss_after": after,
+               "mlflow": mlflow_info(tracker, cfg), "history": history}
+    tracker.log({k: v for k, v in metrics.items() if k.startswith("held_out_loss") and v is not None},
+                trainer.state.global_step)
+    tracker.finish()
+
+    def write(d: Path) -> None:
+        model = trainer.model.merge_and_unload() if cfg["method"] == "lora" else trainer.model
+        model.save_pretrained(d)
+        trainer.processing_class.save_pretrained(d)
+        (d / "aligner_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    report_outputs(metrics, write)
+
+
+def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict], held: list[dict], squad: Path) -> dict:
+    """One aligner into squad/aligners/<criterion> (model directory + aligner_metrics.json), copied
+    from the run's checkpoint; the runs go to storage_path (default squad/ray), MLflow to squad/mlruns."""
     from mote_ray.cluster import init_ray
     from mote_ray.models import worker_path
-    from mote_ray.training.workers import scaling_config
+    from mote_ray.training.conventions import fit_and_collect
 
     init_ray()
-    base = worker_path(config.model)
     cols = ("question", "draft", "corrected")
-    loop = {**config.model_dump(), "base": base, "criterion": criterion, "out": str(out.resolve()),
-            "train": [{k: r[k] for k in cols} for r in train], "held": [{k: r[k] for k in cols} for r in held]}
-    TorchTrainer(_train_loop, train_loop_config=loop,
-                 scaling_config=scaling_config(config.workers),
-                 run_config=RunConfig(storage_path=str(out.resolve().parent / ".ray"), name=f"aligner-{criterion}")).fit()
+    loop = {**config.model_dump(exclude={"tracking", "storage_path"}), "base": worker_path(config.model),
+            "criterion": criterion, "train": [{k: r[k] for k in cols} for r in train],
+            "held": [{k: r[k] for k in cols} for r in held]}
+    out = Path(squad) / "aligners" / criterion
+    fit_and_collect(_train_loop, loop, workers=config.workers, name=f"aligner-{criterion}",
+                    storage_path=config.storage_path, tracking=config.tracking, root=Path(squad), out=out)
     return json.loads((out / "aligner_metrics.json").read_text())
 
 
@@ -209,7 +224,7 @@ def run_aligner_train(config: AlignerTrainConfig, data_dir: str | Path, out: str
         if not train:
             train, held = mine, []
         print(f"mote-ray: aligner {criterion}: {len(train)} train / {len(held)} held-out rows", flush=True)
-        a_metrics = train_aligner(config, criterion, train, held, out / "aligners" / criterion)
+        a_metrics = train_aligner(config, criterion, train, held, out)
         inspector, i_metrics = train_inspector(config, mine)
         if not inspector:
             print(f"mote-ray: inspector {criterion}: not trained ({i_metrics['reason']}); the squad skips it", flush=True)

@@ -6,9 +6,16 @@ first; a plain model directory or hub id is its own reference. The policy is tha
 fresh LoRA, so TRL computes reference log-probs with the adapter disabled — at step 0 policy ==
 reference and the loss is log 2 per pair. β = 0.1 by default.
 
+Trained inside Ray Train with the conventions of training/conventions.py: workers sized by one
+rule, the run in `storage_path`, rank 0's outputs handed back as the run's checkpoint and copied
+into OUT by the driver, MLflow from rank 0. The reference is merged on the workers, not by the
+driver, so no worker reads a path only the driver has.
+
     OUT/reference/      the merged reference model (when one was merged)
     OUT/adapter/        the trained DPO LoRA (PEFT format) on the reference
     OUT/dpo_metrics.json  step-0 loss, held-out reward margin and accuracy before and after, history
+    OUT/ray/dpo/        the Ray Train run and its checkpoint (storage_path: elsewhere)
+    OUT/mlruns/         MLflow file store (tracking.mlflow: default)
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mote_ray.errors import MoteError
+from mote_ray.training.tracking import TrackingConfig
 
 
 class DPOJobConfig(BaseModel):
@@ -35,27 +43,43 @@ class DPOJobConfig(BaseModel):
     r: int = Field(8, ge=1)
     max_length: int = Field(384, ge=32)
     workers: int = Field(1, ge=1)
+    # Where the Ray Train run (its checkpoint) goes: a local path or a cloud URI; None = OUT/ray.
+    storage_path: str | None = None
+    tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns) and W&B when configured
     seed: int = 0
 
 
-def reference_model(model: str, out: Path) -> str:
-    """The reference as a plain model directory: merge a one-LoRA training output, else use as is."""
+def is_one_lora_run(model: str) -> bool:
+    p = Path(model)
+    return (p / "adapters" / "default" / "adapter_config.json").is_file() and (p / "base").is_dir()
+
+
+def check_reference(model: str) -> str:
+    """The reference as workers open it: a one-LoRA training output (merged on the workers) or a
+    plain model directory or hub id; a MoTE model is refused."""
     from mote_ray.models import worker_path
 
-    p = Path(model)
-    if (p / "adapters" / "default" / "adapter_config.json").is_file() and (p / "base").is_dir():
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(p / "base"),
-                                           str(p / "adapters" / "default")).merge_and_unload()
-        merged.save_pretrained(out / "reference")
-        AutoTokenizer.from_pretrained(p / "base").save_pretrained(out / "reference")
-        return str(out / "reference")
-    if (p / "mote").is_dir():
+    if is_one_lora_run(model):
+        return str(Path(model).resolve())
+    if (Path(model) / "mote").is_dir():
         raise MoteError(f"{model} is a MoTE model (several experts): DPO here trains a one-adapter policy; "
                         "give the model the pairs were sampled from as a plain directory or an sft output")
     return worker_path(model)
+
+
+def load_reference(model: str):
+    """(reference model, tokenizer): a one-LoRA training output has its adapter merged into its base."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_one_lora_run(model):
+        from peft import PeftModel
+
+        p = Path(model)
+        base = AutoModelForCausalLM.from_pretrained(p / "base", dtype=torch.float32)
+        return (PeftModel.from_pretrained(base, str(p / "adapters" / "default")).merge_and_unload(),
+                AutoTokenizer.from_pretrained(p / "base"))
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), AutoTokenizer.from_pretrained(model)
 
 
 def _read_pairs(pairs_dir: Path, kind: str) -> tuple[list[dict], list[dict]]:
@@ -84,61 +108,75 @@ def _read_pairs(pairs_dir: Path, kind: str) -> tuple[list[dict], list[dict]]:
 
 
 def _train_loop(cfg: dict) -> None:
+    import tempfile
+
     import ray.train
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from mote_ray.training.conventions import (mlflow_info, precision_args, report_outputs, start_tracker,
+                                               tracking_callback)
+
     torch.manual_seed(cfg["seed"])
-    tok = AutoTokenizer.from_pretrained(cfg["reference"])
+    rank = ray.train.get_context().get_world_rank()
+    tracker = start_tracker(cfg, params={k: cfg[k] for k in ("kind", "beta", "lr", "epochs", "max_steps",
+                                                             "batch_size", "r", "workers", "model")})
+    reference, tok = load_reference(cfg["model"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg["reference"], dtype=torch.float32)
-    args = DPOConfig(output_dir=cfg["out"] + "/trainer", beta=cfg["beta"], learning_rate=cfg["lr"],
+    # HF Trainer's DistributedSampler (through accelerate) gives every rank the same number of
+    # batches, padding the last one, so DDP ranks never wait on each other.
+    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="dpo-"), beta=cfg["beta"], learning_rate=cfg["lr"],
                      num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"],
                      per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
                      max_length=cfg["max_length"], logging_steps=1, save_strategy="no", report_to=[],
-                     use_cpu=not torch.cuda.is_available(), seed=cfg["seed"], dataset_num_proc=None,
-                     disable_tqdm=ray.train.get_context().get_world_rank() != 0)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=tok,
+                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0, **precision_args())
+    trainer = DPOTrainer(model=reference, ref_model=None, args=args, processing_class=tok,
                          train_dataset=Dataset.from_list(cfg["train"]), eval_dataset=Dataset.from_list(cfg["held"]) if cfg["held"] else None,
                          peft_config=LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules="all-linear",
                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
     trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(tracking_callback(tracker))
     trainer = prepare_trainer(trainer)
     no_eval = {"eval_loss": None}  # no held-out pairs: say so, never fall back to training pairs
     before = trainer.evaluate() if cfg["held"] else no_eval
     trainer.train()
     after = trainer.evaluate() if cfg["held"] else no_eval
-    if ray.train.get_context().get_world_rank() == 0:
-        trainer.model.save_pretrained(cfg["out"] + "/adapter")
-        history = [h for h in trainer.state.log_history if "loss" in h]
-        Path(cfg["out"], "dpo_metrics.json").write_text(json.dumps({
-            "kind": cfg["kind"], "beta": cfg["beta"], "reference": cfg["reference"], "train_pairs": len(cfg["train"]),
-            "held_out_pairs": len(cfg["held"]), "step0_loss": before["eval_loss"],
-            "margin_before": before.get("eval_rewards/margins"), "margin_after": after.get("eval_rewards/margins"),
-            "accuracy_before": before.get("eval_rewards/accuracies"),
-            "accuracy_after": after.get("eval_rewards/accuracies"), "eval_loss_after": after["eval_loss"],
-            "history": history}, indent=2))
+    metrics = {
+        "kind": cfg["kind"], "beta": cfg["beta"], "reference": cfg["reference_label"], "train_pairs": len(cfg["train"]),
+        "held_out_pairs": len(cfg["held"]), "workers": ray.train.get_context().get_world_size(),
+        "steps": trainer.state.global_step, "step0_loss": before["eval_loss"],
+        "margin_before": before.get("eval_rewards/margins"), "margin_after": after.get("eval_rewards/margins"),
+        "accuracy_before": before.get("eval_rewards/accuracies"),
+        "accuracy_after": after.get("eval_rewards/accuracies"), "eval_loss_after": after["eval_loss"],
+        "mlflow": mlflow_info(tracker, cfg), "history": [h for h in trainer.state.log_history if "loss" in h]}
+    tracker.finish()
+
+    def write(d: Path) -> None:
+        trainer.model.save_pretrained(d / "adapter")
+        if is_one_lora_run(cfg["model"]):  # the merged reference the adapter sits on (LoRA layers removed)
+            trainer.model.unload().save_pretrained(d / "reference")
+            tok.save_pretrained(d / "reference")
+        (d / "dpo_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    report_outputs(metrics, write)
 
 
 def run_dpo(config: DPOJobConfig, pairs_dir: str | Path, out: str | Path) -> dict:
-    from ray.train import RunConfig
-    from ray.train.torch import TorchTrainer
-
     from mote_ray.cluster import init_ray
-    from mote_ray.training.workers import scaling_config
+    from mote_ray.training.conventions import fit_and_collect
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     train, held = _read_pairs(Path(pairs_dir), config.kind)
-    reference = reference_model(config.model, out)
+    model = check_reference(config.model)
+    # Where evaluation finds the reference: the merged copy the run hands back, or the model itself.
+    label = str(out / "reference") if is_one_lora_run(model) else model
     init_ray()
-    loop_cfg = {**config.model_dump(), "reference": reference, "out": str(out), "train": train, "held": held}
-    TorchTrainer(_train_loop, train_loop_config=loop_cfg,
-                 scaling_config=scaling_config(config.workers),
-                 run_config=RunConfig(storage_path=str(out / "ray"), name="dpo")).fit()
+    loop_cfg = {**config.model_dump(exclude={"tracking", "storage_path"}), "model": model, "reference_label": label,
+                "train": train, "held": held}
+    fit_and_collect(_train_loop, loop_cfg, workers=config.workers, name="dpo", storage_path=config.storage_path,
+                    tracking=config.tracking, root=out)
     return json.loads((out / "dpo_metrics.json").read_text())

@@ -1,0 +1,107 @@
+"""The Ray Train conventions of the HF/TRL trainers (aligners: TRL SFT, anchored: TRL DPO), the same
+as MoTE training's (training/run.py):
+
+- workers: GPU workers when the cluster has a GPU for each, else CPU workers that never take the
+  whole node (`scaling_config`); mixed bf16 on GPU, fp32 on CPU (`precision_args`);
+- storage: the Ray Train run lives in `storage_path` (a local path, NFS or a cloud URI; None =
+  OUT/ray). Workers never write to the driver's OUT: rank 0 writes its outputs into a temporary
+  directory and reports it as the run's Checkpoint (`report_outputs`); the driver copies
+  `result.checkpoint` into OUT (`fit_and_collect`), which works whatever node rank 0 ran on;
+- tracking: MLflow (a file store at OUT/mlruns by default) and W&B when configured, from rank 0
+  (`start_tracker`, `tracking_callback`). A `file:` store is written on rank 0's node: on a
+  multi-node cluster point `tracking.mlflow` at a server or a shared path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from mote_ray.errors import MoteError
+from mote_ray.training.tracking import Tracker, TrackingConfig, resolve_mlflow_uri
+
+
+def scaling_config(workers: int, use_gpu: bool | None = None):
+    import ray
+    from ray.train import ScalingConfig
+
+    from mote_ray.cluster import train_worker_cpus
+
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    if use_gpu:
+        return ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": train_worker_cpus(workers)})
+
+
+def precision_args() -> dict:
+    """TrainingArguments for the worker's device: TRL's configs default to bf16 even on CPU; we keep
+    fp32 there (as MoTE training does) and mixed bf16 on a GPU that supports it."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return {"use_cpu": not gpu, "bf16": gpu and torch.cuda.is_bf16_supported(), "fp16": False}
+
+
+def fit_and_collect(train_fn: Callable[[dict], None], loop_config: dict, *, workers: int, name: str,
+                    storage_path: str | None, tracking: TrackingConfig, root: Path, out: Path | None = None):
+    """Run `train_fn` on `workers` Ray Train workers and copy the outputs rank 0 reported into `out`
+    (default: `root`). `root` is the job's OUT: the run goes to `storage_path` or root/ray, the
+    default MLflow store is root/mlruns. The loop gets `loop_config` plus `tracking` (the MLflow URI
+    resolved) and `run_name`. Returns the Ray Train Result."""
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    root = Path(root).resolve()
+    out = Path(out).resolve() if out is not None else root
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**loop_config, "run_name": name,
+           "tracking": {**tracking.model_dump(), "mlflow": resolve_mlflow_uri(tracking.mlflow, root)}}
+    result = TorchTrainer(train_fn, train_loop_config=cfg, scaling_config=scaling_config(workers),
+                          run_config=RunConfig(name=name, storage_path=storage_path or str(root / "ray"),
+                                               checkpoint_config=CheckpointConfig(num_to_keep=1))).fit()
+    if result.checkpoint is None:
+        raise MoteError(f"{name}: training finished without reporting its outputs ({result.error})")
+    with result.checkpoint.as_directory() as d:  # downloads first when the storage is remote
+        shutil.copytree(d, out, dirs_exist_ok=True)
+    return result
+
+
+def report_outputs(metrics: dict, write: Callable[[Path], None]) -> None:
+    """Every rank calls this once at the end (Ray Train's report is collective): rank 0 runs
+    `write(dir)` into a temporary directory, which becomes the run's Checkpoint in storage_path."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(nums, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write(Path(tmp))
+        ray.train.report(nums, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def start_tracker(cfg: dict, params: dict) -> Tracker:
+    """The run's tracker: live on rank 0, a no-op elsewhere."""
+    import ray.train
+
+    return Tracker(cfg["tracking"], ray.train.get_context().get_world_rank() == 0, cfg["run_name"], params=params)
+
+
+def tracking_callback(tracker: Tracker):
+    """A transformers TrainerCallback that sends every log (loss, lr, grad norm, eval) to `tracker`."""
+    from transformers import TrainerCallback
+
+    class _Track(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            tracker.log(logs or {}, state.global_step)
+
+    return _Track()
+
+
+def mlflow_info(tracker: Tracker, cfg: dict) -> dict:
+    return {"tracking_uri": cfg["tracking"].get("mlflow"), "run_id": tracker.run_id}
