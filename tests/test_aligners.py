@@ -73,7 +73,9 @@ def squad_dir(ray_local, tiny_model_hd32, tmp_path_factory, datasets_dir):
                                                criteria=["ethical", "helpful"], topics=["cooking"],
                                                questions_per_topic=2,
                                                max_tokens={"draft": 32, "critique": 24, "corrected": 32}), [str(q)], d / "data")
-    squad = run_aligner_train(AlignerTrainConfig(model=tiny_model_hd32, max_steps=8, lr=1e-3, batch_size=8),
+    # LoRA here (the okay fixture below is a full fine-tune): the merged aligners must load in both engines.
+    squad = run_aligner_train(AlignerTrainConfig(model=tiny_model_hd32, method="lora", lora_r=8, max_steps=8, lr=1e-2,
+                                                 batch_size=8),
                               d / "data", d / "squad")
     return d, stats, squad
 
