@@ -124,7 +124,7 @@ def _train_loop(cfg: dict) -> None:
                                                              "max_steps", "lora_r", "workers", "base")})
     scratch = tempfile.mkdtemp(prefix="aligner-")  # the trainer's own output_dir, on the worker
     trainer = sft_trainer(cfg, cfg["train"], cfg["held"], scratch, ctx.get_world_rank())
-    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(RayTrainReportCallback())  # reports HF checkpoints if save_strategy is turned on
     trainer.add_callback(tracking_callback(tracker))
     trainer = prepare_trainer(trainer)
     held = bool(cfg["held"])
