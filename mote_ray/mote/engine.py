@@ -70,7 +70,11 @@ class _Output:
 
 
 def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utilization: float | None,
-                   dtype: str | None = None) -> dict:
+                   dtype: str | None = None, compile: bool = False) -> dict:
+    """`compile` (CPU): vLLM's torch.compile mode for CPU (trace once, inductor C++ kernels) instead of
+    eager: measured ~+20% serving throughput on the tiny model (the per-op Python overhead of a small
+    model's decode step is what it removes), for ~30 s more start-up on first use (cached in
+    ~/.cache/vllm). On GPU the model runs eager (CUDA graphs untested with the MoTE hooks here)."""
     from mote_ray.engines.vllm_engine import CPU_EXECUTOR
     from mote_ray.mote.vllm_model import MoTELogitsProcessor, register
 
@@ -80,7 +84,8 @@ def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utiliza
     max_len = max_model_len or int(cfg.get("max_position_embeddings", 2048))
     # generation_config="vllm": no sampling defaults or extra EOS ids from the model's generation config.
     kwargs = dict(model=str(vllm_dir), skip_tokenizer_init=True, dtype=dtype or ("float32" if on_cpu else "auto"),
-                  max_model_len=max_len, enforce_eager=True, enable_prefix_caching=True, generation_config="vllm",
+                  max_model_len=max_len, enforce_eager=not (compile and on_cpu),
+                  enable_prefix_caching=True, generation_config="vllm",
                   logits_processors=[MoTELogitsProcessor], seed=0)
     if on_cpu and gpu_memory_utilization is None:
         # On CPU the KV reservation is host memory: size it to the model (room for 128 full-length
@@ -141,14 +146,14 @@ class AsyncVLLMMoTEEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, *, max_model_len: int | None = None,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, compile: bool = True):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from mote_ray.mote.vllm_dir import ensure_vllm_dir
 
-        kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization)
+        kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization, compile=compile)
         self.V = json.loads((Path(kwargs["model"]) / "config.json").read_text())["mote"]["base_vocab_size"]
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

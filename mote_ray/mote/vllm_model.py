@@ -10,8 +10,10 @@ vLLM layer (fused qkv / gate_up included: one sub-projection's expert per shard)
 tiles the base logits K times; `MoTELogitsProcessor` keeps only the request's expert copy, so the
 sampled id already carries the expert that will read it.
 
-Tensor parallel 1 only (the expert tensors are not sharded); eager mode (the routing gate is module
-state set per forward, which CUDA graphs would freeze).
+The routing is computed inside the inner model's forward (a pre-hook on its input embedding turns
+the tagged ids into per-token gates), so a traced graph computes it from each step's ids:
+torch.compile (vLLM's trace-once inductor mode on CPU) gives the same tokens as eager mode
+(tests/test_mote_inference.py). Tensor parallel 1 only (the expert tensors are not sharded).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ EXPERT_PREFIX = "mote_expert."  # checkpoint keys of the expert tensors (mote/vl
 
 
 class _Routing:
-    """The per-forward gate every hooked layer reads: (tokens, (E+1)·r)."""
+    """The per-forward gates every hooked layer reads: shard count S -> (tokens, S·(E+1)·r)."""
 
-    gate: torch.Tensor | None = None
     gates: dict = {}
 
 
@@ -46,10 +47,17 @@ class MoTEForCausalLM(nn.Module):
         inner_cfg = type(cfg).from_dict({**cfg.to_dict(), "vocab_size": self.V, "architectures": [mote["architecture"]]})
         self.inner = init_vllm_registered_model(vllm_config, prefix=prefix, hf_config=inner_cfg,
                                                 architectures=[mote["architecture"]])
-        self.routing = _Routing()
+        self.routing, self.gate_dtype = _Routing(), torch.float32
         self.packed = dict(getattr(type(self.inner), "packed_modules_mapping", {}))
         self.expert_names: dict[str, tuple[str, ...]] = {}  # our parameter prefix -> HF sub-module names
+        self.shard_counts: set[int] = set()
         self._wrap(set(mote["targets"]))
+        # The expert-tagged ids enter the inner model; its embedding reads `id % V` and sets the gate.
+        # Inside the model's own forward, so a compiled graph (torch.compile) computes the routing too.
+        embeds = [m for m in self.inner.modules() if type(m).__name__ == "VocabParallelEmbedding"]
+        if len(embeds) != 1:
+            raise ValueError(f"expected one input embedding in {mote['architecture']}, found {len(embeds)}")
+        embeds[0].register_forward_pre_hook(self._route)
 
     # -- experts ------------------------------------------------------------------------------------
     def _wrap(self, targets: set[str]) -> None:
@@ -64,40 +72,47 @@ class MoTEForCausalLM(nn.Module):
             if len(sizes) != len(subs):
                 raise ValueError(f"{name}: {len(sizes)} output shards but packed mapping {subs}")
             d_in, dtype, width = module.weight.shape[1], module.weight.dtype, n * self.r
+            self.gate_dtype = dtype
             # All shards' A stacked (S·(E+1)·r, d_in) and their B block-diagonal (Σd_out, S·(E+1)·r):
             # two matmuls per layer whatever the fusion, the masked-dense form of mote/layer.py.
             module.mote_A = nn.Parameter(torch.zeros(len(subs) * width, d_in, dtype=dtype), requires_grad=False)
             module.mote_B = nn.Parameter(torch.zeros(sum(sizes), len(subs) * width, dtype=dtype), requires_grad=False)
             module.mote_shards = (len(subs), tuple(sizes))
+            self.shard_counts.add(len(subs))
             module.register_forward_hook(self._hook)
             self.expert_names[f"inner.{name}"] = tuple(f"{name.rsplit('.', 1)[0]}.{s}" for s in subs)
 
     def _hook(self, module, args, output):
         x = args[0]
         out, bias = output if isinstance(output, tuple) else (output, None)
-        gate = self.routing.gates.get(module.mote_shards[0])
-        if gate is None:  # one (tokens, S·(E+1)·r) gate per shard count and forward
-            gate = self.routing.gates[module.mote_shards[0]] = self.routing.gate.repeat(1, module.mote_shards[0])
-        h = nn.functional.linear(x.to(module.mote_A.dtype), module.mote_A) * gate.to(module.mote_A.dtype)
-        out = out + (nn.functional.linear(h, module.mote_B) * self.scaling).to(out.dtype)
+        h = nn.functional.linear(x, module.mote_A) * self.routing.gates[module.mote_shards[0]]
+        # B holds scaling·B (folded at load): one fused out + h·Bᵀ — per-token Python overhead is what
+        # a decode step of a small model costs, so the hook keeps to three ops.
+        out = torch.addmm(out, h, module.mote_B.t()) if out.dim() == 2 else out + nn.functional.linear(h, module.mote_B)
         return (out, bias) if isinstance(output, tuple) else out
 
     def _gate(self, experts: torch.Tensor) -> torch.Tensor:
         """(tokens,) expert index -> (tokens, (E+1)·r): α on the expert block, 1−α on the shared one."""
-        g = nn.functional.one_hot(experts, self.K + 1).to(torch.float32) * self.alpha
+        g = nn.functional.one_hot(experts, self.K + 1).to(self.gate_dtype) * self.alpha
         g[:, -1] = 1.0 - self.alpha
         return g.repeat_interleave(self.r, dim=-1)
 
+    def _route(self, module, args):
+        """Embedding pre-hook: tagged ids -> the gates every hooked layer of this forward reads
+        (one (tokens, S·(E+1)·r) gate per shard count S), and the base ids the embedding reads."""
+        ids = args[0]
+        gate = self._gate((ids // self.V).clamp(max=self.K - 1).long())
+        self.routing.gates = {s: gate.repeat(1, s) for s in self.shard_counts}
+        return (ids % self.V, *args[1:])
+
     # -- vLLM model interface -------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_input_ids(input_ids % self.V)
+        return self.inner.embed_input_ids(input_ids)  # tagged: the embedding's pre-hook reads id % V
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if input_ids is None:
-            raise RuntimeError("the MoTE model routes by token id: it needs input_ids, not only embeddings")
-        experts = (input_ids // self.V).clamp(max=self.K - 1).long()
-        self.routing.gate, self.routing.gates = self._gate(experts), {}
-        return self.inner(input_ids % self.V, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if input_ids is None or inputs_embeds is not None:
+            raise RuntimeError("the MoTE model routes by token id: it needs input_ids, not embeddings")
+        return self.inner(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         logits = self.inner.compute_logits(hidden_states)
@@ -130,7 +145,8 @@ class MoTEForCausalLM(nn.Module):
                     continue  # this sub-projection was not a target: its expert stays zero (exact)
                 with torch.no_grad():  # training: A (E+1, r, d_in), B (d_out, E+1, r)
                     module.mote_A[s * width:(s + 1) * width].copy_(a.reshape(-1, a.shape[-1]))
-                    module.mote_B[offsets[s]:offsets[s + 1], s * width:(s + 1) * width].copy_(b.reshape(b.shape[0], -1))
+                    module.mote_B[offsets[s]:offsets[s + 1], s * width:(s + 1) * width].copy_(
+                        b.reshape(b.shape[0], -1) * self.scaling)  # scaling folded in (see _hook)
             loaded |= {f"{pname}.mote_A", f"{pname}.mote_B"}
         if tensors:
             raise ValueError(f"expert tensors for layers this model does not have: {sorted(tensors)[:3]}")

@@ -319,7 +319,7 @@ class Router:
 
 
 def build(args: dict):
-    """The Serve application for `args` = {model, path, engine, replicas, expert_cpus, api_key_env,
+    """The Serve application for `args` = {model, path, engine, compile, replicas, expert_cpus, api_key_env,
     api_keys_file, insecure, max_prompt_tokens, timeout_s, max_inflight, name}.
 
     Without a key (api_key_env / api_keys_file) the app refuses to build unless `insecure: true` or the
@@ -340,7 +340,7 @@ def build(args: dict):
         from mote_ray.mote.engine import pick_engine
 
         pick_engine(model_dir, engine)  # fails here, with the reason, for --engine vllm where vLLM cannot run
-        deployment, init = ExactExpert, (model_dir, engine)
+        deployment, init = ExactExpert, (model_dir, engine, 32, bool(args.get("compile", True)))
     else:
         if not (Path(model_dir) / "adapters").is_dir():
             raise MoteError(f"{args['model']} has no adapters/ (the lora path serves the exported per-stage adapters)")

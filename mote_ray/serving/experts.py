@@ -139,13 +139,13 @@ class _ChainServer:
 @serve.deployment(name="ExactExpert", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32})
 class ExactExpert(_ChainServer):
-    def __init__(self, model_dir: str, engine: str = "auto", max_batch: int = 32):
+    def __init__(self, model_dir: str, engine: str = "auto", max_batch: int = 32, compile: bool = True):
         import json
         from pathlib import Path
 
         from mote_ray.mote.engine import AsyncVLLMMoTEEngine, build_with_fallback, reference_engine
 
-        self.engine, self.name, why = build_with_fallback(model_dir, engine, lambda: AsyncVLLMMoTEEngine(model_dir),
+        self.engine, self.name, why = build_with_fallback(model_dir, engine, lambda: AsyncVLLMMoTEEngine(model_dir, compile=compile),
                                                           lambda: reference_engine(model_dir, max_batch=max_batch))
         max_len = self.engine.max_len if self.name == "vllm" else \
             json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
