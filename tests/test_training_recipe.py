@@ -210,3 +210,20 @@ def test_freed_layer_buffers_return_to_the_os():
 
     assert released("default") < 4  # the mechanism: the freed 16 MiB stays in the heap
     assert released("fixed") > 12  # fixed threshold: the 16 MiB goes back to the OS
+
+
+def test_report_polling_is_fast_during_fit_and_keeps_a_user_value(monkeypatch):
+    """Ray's 2 s controller poll held every per-step report (training/conventions.py)."""
+    import os
+
+    from mote_ray.training.conventions import REPORT_POLL_S, report_polling
+
+    key = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(key, raising=False)
+    with report_polling():
+        assert os.environ[key] == REPORT_POLL_S and float(REPORT_POLL_S) < 2.0
+    assert key not in os.environ
+    monkeypatch.setenv(key, "5")
+    with report_polling():
+        assert os.environ[key] == "5"
+    assert os.environ[key] == "5"

@@ -149,7 +149,10 @@ def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_
         datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    return trainer.fit()
+    from mote_ray.training.conventions import report_polling
+
+    with report_polling():  # a report per step would otherwise wait up to 2 s for Ray's poll
+        return trainer.fit()
 
 
 def _cpus_per_worker(resources: dict, workers: int, use_gpu: bool) -> float:
