@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -156,8 +157,18 @@ class AsyncVLLMMoTEEngine:
         kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization, compile=compile)
         self.V = json.loads((Path(kwargs["model"]) / "config.json").read_text())["mote"]["base_vocab_size"]
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.choice_reason = "vLLM MoTE model on AsyncLLM (exact, continuous batching)"
+        try:
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except Exception as e:
+            if kwargs["enforce_eager"]:
+                raise
+            # Compiling needs a working C++ toolchain for inductor; without one the same model runs eager
+            # (slower steps, same tokens) rather than falling back to the reference. Said, not hidden.
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+            logging.getLogger("ray.serve").warning("vLLM MoTE model: torch.compile failed (%s); running eager", why)
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**{**kwargs, "enforce_eager": True}))
+            self.choice_reason += f", eager (compile failed: {why})"
         self._ids, self.aborted = 0, 0
 
     async def run_stage(self, req: StageRequest, on_tokens: OnTokens | None = None) -> StageResult:

@@ -150,7 +150,7 @@ class ExactExpert(_ChainServer):
         max_len = self.engine.max_len if self.name == "vllm" else \
             json.loads((Path(model_dir) / "base" / "config.json").read_text()).get("max_position_embeddings")
         self._setup(model_dir, max_len)
-        log.info("ExactExpert engine: %s (%s)", self.name, why)
+        log.info("ExactExpert engine: %s (%s; %s)", self.name, why, getattr(self.engine, "choice_reason", ""))
 
     async def _stage(self, req, on_tokens):
         if self.name == "vllm":  # continuous batching inside the engine
