@@ -134,7 +134,8 @@ def test_aligner_outputs_come_back_through_the_checkpoint_and_mlflow_holds_the_r
     from mlflow.tracking import MlflowClient
 
     d, m = okay_run
-    checkpoints = [c for c in (d / "storage" / "aligner-okay").glob("checkpoint_*") if c.is_dir()]
+    # the run's directory is unique per OUT (a shared storage_path never mixes two jobs' runs)
+    checkpoints = [c for c in (d / "storage").glob("aligner-okay-*/checkpoint_*") if c.is_dir()]
     assert len(checkpoints) == 1 and (checkpoints[0] / "aligner_metrics.json").is_file()
     out = d / "squad" / "aligners" / "okay"
     assert (out / "model.safetensors").is_file() and (out / "aligner_metrics.json").is_file()

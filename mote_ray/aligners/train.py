@@ -14,7 +14,7 @@ and AUC on held-out questions.
     OUT/squad.json                  criteria, threshold, paths, metrics
     OUT/aligners/<criterion>/       a plain model directory (both engines load it) + aligner_metrics.json
     OUT/inspectors/<criterion>.json the fitted inspector
-    OUT/ray/aligner-<criterion>/    the Ray Train run and its checkpoint (storage_path: elsewhere)
+    OUT/ray/aligner-<criterion>-<hash of OUT>/ the Ray Train run and its checkpoint (storage_path: elsewhere)
     OUT/mlruns/                     MLflow file store (tracking.mlflow: default), one run per aligner
 """
 
