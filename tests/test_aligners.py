@@ -109,12 +109,13 @@ def test_aligner_training_lowers_the_loss_after_aligned_and_inspectors_score(squ
 @pytest.fixture(scope="module")
 def okay_run(ray_local, tiny_model_hd32, tmp_path_factory):
     """A fixture criterion whose y' is always "OK.": the aligner learns to write it and stop at [DONE].
-    Two DDP workers on 15 rows (uneven shards), the Ray Train run in a storage_path outside OUT."""
+    Two DDP workers on 15 rows (uneven shards: 8/7), epoch-driven (no max_steps, which HF would run
+    on every rank whatever the shards), the Ray Train run in a storage_path outside OUT."""
     from mote_ray.aligners.train import AlignerTrainConfig, train_aligner
 
     rows = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in range(15)]
     d = tmp_path_factory.mktemp("okay")
-    cfg = AlignerTrainConfig(model=tiny_model_hd32, max_steps=30, lr=1e-2, batch_size=8, workers=2,
+    cfg = AlignerTrainConfig(model=tiny_model_hd32, max_steps=None, epochs=3, lr=1e-2, batch_size=1, workers=2,
                              storage_path=str(d / "storage"))
     metrics = train_aligner(cfg, "okay", rows, rows[:2], d / "squad")
     return d, metrics
@@ -133,18 +134,20 @@ def test_aligner_outputs_come_back_through_the_checkpoint_and_mlflow_holds_the_r
     from mlflow.tracking import MlflowClient
 
     d, m = okay_run
-    checkpoints = [c for c in (d / "storage" / "aligner-okay").glob("checkpoint_*") if c.is_dir()]
+    # the run's directory is unique per OUT (a shared storage_path never mixes two jobs' runs)
+    checkpoints = [c for c in (d / "storage").glob("aligner-okay-*/checkpoint_*") if c.is_dir()]
     assert len(checkpoints) == 1 and (checkpoints[0] / "aligner_metrics.json").is_file()
     out = d / "squad" / "aligners" / "okay"
     assert (out / "model.safetensors").is_file() and (out / "aligner_metrics.json").is_file()
     assert not (d / "squad" / "ray").exists()  # the run went to storage_path, not under OUT
-    assert m["workers"] == 2 and m["steps"] == 30 and len(m["history"]) == 30
+    # 15 rows on 2 ranks, batch 1: ceil(15 / 2) = 8 steps per epoch on both ranks (the short shard padded)
+    assert m["workers"] == 2 and m["steps_per_rank"] == [24, 24] and len(m["history"]) == 24
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(m["mlflow"]["tracking_uri"])
     assert m["mlflow"]["tracking_uri"] == (d / "squad" / "mlruns").as_uri()
     run = client.get_run(m["mlflow"]["run_id"])
     assert run.info.run_name == "aligner-okay" and run.info.status == "FINISHED"
-    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 31))
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 25))
     assert run.data.metrics["held_out_loss_after"] == pytest.approx(m["held_out_loss_after"])
 
 
@@ -166,6 +169,27 @@ def test_aligner_loss_is_on_the_completion_only(tiny_model_hd32, tmp_path):
         assert labels[:start] == [-100] * start and labels[n:] == [-100] * (len(ids) - n)
         assert labels[start:n] == ids[start:n] and ids[n - 1] == done  # y' then [DONE], last real token
         assert tok.decode(ids[start:n - 1]).strip() == row["corrected"]
+
+
+def test_lora_aligner_trains_the_marker_rows_of_lm_head(tiny_model_hd32, tmp_path):
+    """The tiny model's embeddings are untied and `all-linear` leaves lm_head out: the markers' output
+    rows must train too (merged on save), or [DONE]'s logit stays at its random initial value."""
+    import torch
+
+    from mote_ray.aligners.train import AlignerTrainConfig, sft_trainer
+
+    cfg = {**AlignerTrainConfig(method="lora", lora_r=4, max_steps=2, lr=1e-2, batch_size=2).model_dump(),
+           "base": tiny_model_hd32}
+    rows = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in range(4)]
+    trainer = sft_trainer(cfg, rows, [], str(tmp_path))
+    ids = trainer.processing_class.convert_tokens_to_ids(["[INIT]", "[ALIGNED]", "[DONE]"])
+    assert trainer.model.config.tie_word_embeddings is False  # untied, the case this covers
+    head = trainer.model.base_model.model.lm_head  # PEFT wraps it when it trains
+    frozen = head.original_module if hasattr(head, "original_module") else head  # the initial rows
+    before = frozen.weight[ids].detach().clone()
+    trainer.train()
+    after = trainer.model.merge_and_unload().lm_head.weight[ids]
+    assert not torch.allclose(after[-1], before[-1])  # [DONE]'s output row moved
 
 
 @pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=[pytest.mark.vllm, requires_vllm])])

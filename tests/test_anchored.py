@@ -133,7 +133,7 @@ def test_anchored_pairs_dpo_and_table_from_the_cli(ray_local, tiny_model, datase
     assert m["step0_loss"] == pytest.approx(math.log(2), abs=1e-4) and m["margin_before"] == pytest.approx(0, abs=1e-5)
     assert m["margin_after"] > m["margin_before"]  # the held-out chosen-vs-rejected reward margin rises
     # Rank 0's outputs reach OUT through the run's checkpoint in storage_path, not a driver path.
-    (ckpt,) = [c for c in (tmp_path / "storage/dpo").glob("checkpoint_*") if c.is_dir()]
+    (ckpt,) = [c for c in (tmp_path / "storage").glob("dpo-*/checkpoint_*") if c.is_dir()]
     assert (ckpt / "adapter/adapter_config.json").is_file() and (tmp_path / "dpo/adapter/adapter_config.json").is_file()
     assert not (tmp_path / "dpo/ray").exists()
     import os

@@ -14,7 +14,7 @@ and AUC on held-out questions.
     OUT/squad.json                  criteria, threshold, paths, metrics
     OUT/aligners/<criterion>/       a plain model directory (both engines load it) + aligner_metrics.json
     OUT/inspectors/<criterion>.json the fitted inspector
-    OUT/ray/aligner-<criterion>/    the Ray Train run and its checkpoint (storage_path: elsewhere)
+    OUT/ray/aligner-<criterion>-<hash of OUT>/ the Ray Train run and its checkpoint (storage_path: elsewhere)
     OUT/mlruns/                     MLflow file store (tracking.mlflow: default), one run per aligner
 """
 
@@ -92,8 +92,13 @@ def sft_trainer(cfg: dict, train: list[dict], held: list[dict], output_dir: str,
         from peft import LoraConfig
 
         # The new marker rows train too (PEFT keeps them beside the frozen embedding; merged on save).
+        # With untied embeddings `all-linear` leaves lm_head out, so [DONE]'s logit row would stay
+        # random: lm_head then trains whole (`modules_to_save`). Not trainable_token_indices there:
+        # TRL's fused LM head reads `lm_head.weight` directly and would skip PEFT's row deltas.
+        untied = model.get_output_embeddings().weight is not model.get_input_embeddings().weight
         peft = LoraConfig(r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], target_modules="all-linear",
                           lora_dropout=0.0, task_type="CAUSAL_LM",
+                          modules_to_save=["lm_head"] if untied else None,
                           trainable_token_indices={"embed_tokens": tok.convert_tokens_to_ids(list(MARKERS))})
     args = SFTConfig(output_dir=output_dir, learning_rate=cfg["lr"], lr_scheduler_type="constant",
                      num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"] or -1,
@@ -132,8 +137,13 @@ def _train_loop(cfg: dict) -> None:
     trainer.train()
     after = trainer.evaluate()["eval_loss"] if held else None
     history = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    steps = [trainer.state.global_step]
+    if torch.distributed.is_initialized():  # every rank's step count, so a test can see they are equal
+        steps = [None] * ctx.get_world_size()
+        torch.distributed.all_gather_object(steps, trainer.state.global_step)
     metrics = {"criterion": cfg["criterion"], "method": cfg["method"], "train_rows": len(cfg["train"]),
                "held_out_rows": len(cfg["held"]), "workers": ctx.get_world_size(), "steps": trainer.state.global_step,
+               "steps_per_rank": steps,
                "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
                "held_out_loss_before": before, "held_out_loss_after": after,
                "mlflow": mlflow_info(tracker, cfg), "history": history}

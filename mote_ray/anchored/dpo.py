@@ -14,7 +14,7 @@ driver, so no worker reads a path only the driver has.
     OUT/reference/      the merged reference model (when one was merged)
     OUT/adapter/        the trained DPO LoRA (PEFT format) on the reference
     OUT/dpo_metrics.json  step-0 loss, held-out reward margin and accuracy before and after, history
-    OUT/ray/dpo/        the Ray Train run and its checkpoint (storage_path: elsewhere)
+    OUT/ray/dpo-<hash of OUT>/ the Ray Train run and its checkpoint (storage_path: elsewhere)
     OUT/mlruns/         MLflow file store (tracking.mlflow: default)
 """
 

@@ -14,6 +14,7 @@ as MoTE training's (training/run.py):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -82,8 +83,11 @@ def fit_and_collect(train_fn: Callable[[dict], None], loop_config: dict, *, work
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**loop_config, "run_name": name,
            "tracking": {**tracking.model_dump(), "mlflow": resolve_mlflow_uri(tracking.mlflow, root)}}
+    # The Ray Train run's name carries a hash of OUT: jobs sharing a storage_path with the same `name`
+    # would otherwise restore each other's snapshot. MLflow keeps the plain name.
+    run_dir = f"{name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
     trainer = TorchTrainer(train_fn, train_loop_config=cfg, scaling_config=scaling_config(workers),
-                           run_config=RunConfig(name=name, storage_path=storage_path or str(root / "ray"),
+                           run_config=RunConfig(name=run_dir, storage_path=storage_path or str(root / "ray"),
                                                 checkpoint_config=CheckpointConfig(num_to_keep=1)))
     with report_polling():
         result = trainer.fit()
