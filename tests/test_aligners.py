@@ -299,3 +299,15 @@ def test_inspector_fallback_split_keeps_both_texts_of_a_pair_together():
     _, m = train_inspector(AlignerTrainConfig(), _inspector_rows(16, prompt_ids=["same"] * 16))
     assert m["held_out_split"].startswith("by pair") and m["held_out_rows"] == 8
     assert m["auc"] is not None and m["auc"] >= 0.9
+
+
+def test_storage_path_is_made_absolute_and_uris_are_kept(tmp_path, monkeypatch):
+    """A relative storage_path used to reach pyarrow and fail with its traceback."""
+    from mote_ray.aligners.train import AlignerTrainConfig
+    from mote_ray.anchored.dpo import DPOJobConfig
+
+    monkeypatch.chdir(tmp_path)
+    for make in (AlignerTrainConfig, lambda **kw: DPOJobConfig(model="m", **kw)):
+        assert make(storage_path="runs").storage_path == str(tmp_path.resolve() / "runs")
+        assert make(storage_path="s3://bucket/runs").storage_path == "s3://bucket/runs"
+        assert make().storage_path is None

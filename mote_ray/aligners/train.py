@@ -26,9 +26,10 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mote_ray.errors import MoteError
+from mote_ray.training.conventions import absolute_storage_path
 from mote_ray.training.tracking import TrackingConfig
 
 MARKERS = ("[INIT]", "[ALIGNED]", "[DONE]")
@@ -50,6 +51,7 @@ class AlignerTrainConfig(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1)  # squad: align when an inspector scores below this
     # Where the Ray Train runs (the aligners' checkpoints) go: a local path or a cloud URI; None = OUT/ray.
     storage_path: str | None = None
+    _storage_path = field_validator("storage_path")(lambda v: absolute_storage_path(v))
     tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns, one run per aligner), W&B when set
     seed: int = 0
 

@@ -25,9 +25,10 @@ import zlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mote_ray.errors import MoteError
+from mote_ray.training.conventions import absolute_storage_path
 from mote_ray.training.tracking import TrackingConfig
 
 
@@ -45,6 +46,7 @@ class DPOJobConfig(BaseModel):
     workers: int = Field(1, ge=1)
     # Where the Ray Train run (its checkpoint) goes: a local path or a cloud URI; None = OUT/ray.
     storage_path: str | None = None
+    _storage_path = field_validator("storage_path")(lambda v: absolute_storage_path(v))
     tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns) and W&B when configured
     seed: int = 0
 

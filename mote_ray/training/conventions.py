@@ -47,6 +47,14 @@ def report_polling():
         os.environ.pop(key, None)
 
 
+def absolute_storage_path(value: str | None) -> str | None:
+    """A config validator: a local storage_path made absolute (Ray Train's pyarrow filesystem rejects
+    a relative one with a traceback); a URI (`s3://`, `gs://`, `file://`...) is kept as it is."""
+    if value is None or "://" in value:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def scaling_config(workers: int, use_gpu: bool | None = None):
     import ray
     from ray.train import ScalingConfig
