@@ -227,3 +227,25 @@ def test_report_polling_is_fast_during_fit_and_keeps_a_user_value(monkeypatch):
     with report_polling():
         assert os.environ[key] == "5"
     assert os.environ[key] == "5"
+
+
+def test_trl_precision_follows_the_drivers_device_choice_not_what_the_worker_sees(monkeypatch):
+    """A CPU worker on a GPU node still sees CUDA (Ray leaves CUDA_VISIBLE_DEVICES alone for 0-GPU
+    workers): the aligner/DPO precision comes from the driver's use_gpu decision."""
+    import torch
+
+    from mote_ray.training.conventions import precision_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision_args(False) == {"use_cpu": True, "bf16": False, "fp16": False}
+    assert precision_args(True) == {"use_cpu": False, "bf16": True, "fp16": False}
+
+
+def test_shared_storage_check_passes_a_single_node_cluster(ray_local, tmp_path):
+    """One node: every local path is visible to the workers, nothing is refused (the multi-node
+    refusal needs a second node; not testable here)."""
+    from mote_ray.training.conventions import check_shared_storage
+
+    check_shared_storage({"storage_path": str(tmp_path / "ray"), "tracking.mlflow": (tmp_path / "mlruns").as_uri()})
+    assert not any(tmp_path.rglob(".mote-shared-*"))

@@ -51,6 +51,7 @@ class AlignerTrainConfig(BaseModel):
     threshold: float = Field(0.5, gt=0, lt=1)  # squad: align when an inspector scores below this
     # Where the Ray Train runs (the aligners' checkpoints) go: a local path or a cloud URI; None = OUT/ray.
     storage_path: str | None = None
+    use_gpu: bool | None = None  # None: GPU workers when the cluster has a GPU for each
     _storage_path = field_validator("storage_path")(lambda v: absolute_storage_path(v))
     tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns, one run per aligner), W&B when set
     seed: int = 0
@@ -107,7 +108,8 @@ def sft_trainer(cfg: dict, train: list[dict], held: list[dict], output_dir: str,
                      per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
                      max_length=cfg["max_len"], eos_token="[DONE]", completion_only_loss=True,
                      gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[],
-                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0, **precision_args())
+                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0,
+                     **precision_args(cfg.get("use_gpu")))
     return SFTTrainer(model=model, args=args, processing_class=tok, peft_config=peft,
                       train_dataset=Dataset.from_list(completion_rows(train)),
                       eval_dataset=Dataset.from_list(completion_rows(held)) if held else None)
@@ -121,7 +123,7 @@ def _train_loop(cfg: dict) -> None:
 
     import ray.train
     import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
 
     from mote_ray.training.conventions import mlflow_info, report_outputs, start_tracker, tracking_callback
 
@@ -131,7 +133,6 @@ def _train_loop(cfg: dict) -> None:
                                                              "max_steps", "lora_r", "workers", "base")})
     scratch = tempfile.mkdtemp(prefix="aligner-")  # the trainer's own output_dir, on the worker
     trainer = sft_trainer(cfg, cfg["train"], cfg["held"], scratch, ctx.get_world_rank())
-    trainer.add_callback(RayTrainReportCallback())  # reports HF checkpoints if save_strategy is turned on
     trainer.add_callback(tracking_callback(tracker))
     trainer = prepare_trainer(trainer)
     held = bool(cfg["held"])
@@ -171,12 +172,14 @@ def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict],
 
     init_ray()
     cols = ("question", "draft", "corrected")
-    loop = {**config.model_dump(exclude={"tracking", "storage_path"}), "base": worker_path(config.model),
+    loop = {**config.model_dump(exclude={"tracking", "storage_path", "use_gpu"}),
+            "base": worker_path(config.model),
             "criterion": criterion, "train": [{k: r[k] for k in cols} for r in train],
             "held": [{k: r[k] for k in cols} for r in held]}
     out = Path(squad) / "aligners" / criterion
     fit_and_collect(_train_loop, loop, workers=config.workers, name=f"aligner-{criterion}",
-                    storage_path=config.storage_path, tracking=config.tracking, root=Path(squad), out=out)
+                    storage_path=config.storage_path, tracking=config.tracking, root=Path(squad), out=out,
+                    use_gpu=config.use_gpu)
     return json.loads((out / "aligner_metrics.json").read_text())
 
 

@@ -9,7 +9,7 @@ reference and the loss is log 2 per pair. β = 0.1 by default.
 Trained inside Ray Train with the conventions of training/conventions.py: workers sized by one
 rule, the run in `storage_path`, rank 0's outputs handed back as the run's checkpoint and copied
 into OUT by the driver, MLflow from rank 0. The reference is merged on the workers, not by the
-driver, so no worker reads a path only the driver has.
+driver (the model itself must be readable on every node: a shared path or a hub id).
 
     OUT/reference/      the merged reference model (when one was merged)
     OUT/adapter/        the trained DPO LoRA (PEFT format) on the reference
@@ -46,6 +46,7 @@ class DPOJobConfig(BaseModel):
     workers: int = Field(1, ge=1)
     # Where the Ray Train run (its checkpoint) goes: a local path or a cloud URI; None = OUT/ray.
     storage_path: str | None = None
+    use_gpu: bool | None = None  # None: GPU workers when the cluster has a GPU for each
     _storage_path = field_validator("storage_path")(lambda v: absolute_storage_path(v))
     tracking: TrackingConfig = TrackingConfig()  # MLflow (default: OUT/mlruns) and W&B when configured
     seed: int = 0
@@ -116,7 +117,7 @@ def _train_loop(cfg: dict) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from ray.train.huggingface.transformers import prepare_trainer
     from trl import DPOConfig, DPOTrainer
 
     from mote_ray.training.conventions import (mlflow_info, precision_args, report_outputs, start_tracker,
@@ -135,12 +136,12 @@ def _train_loop(cfg: dict) -> None:
                      num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"],
                      per_device_train_batch_size=cfg["batch_size"], per_device_eval_batch_size=cfg["batch_size"],
                      max_length=cfg["max_length"], logging_steps=1, save_strategy="no", report_to=[],
-                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0, **precision_args())
+                     seed=cfg["seed"], dataset_num_proc=None, disable_tqdm=rank != 0,
+                     **precision_args(cfg["use_gpu"]))
     trainer = DPOTrainer(model=reference, ref_model=None, args=args, processing_class=tok,
                          train_dataset=Dataset.from_list(cfg["train"]), eval_dataset=Dataset.from_list(cfg["held"]) if cfg["held"] else None,
                          peft_config=LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules="all-linear",
                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
-    trainer.add_callback(RayTrainReportCallback())
     trainer.add_callback(tracking_callback(tracker))
     trainer = prepare_trainer(trainer)
     no_eval = {"eval_loss": None}  # no held-out pairs: say so, never fall back to training pairs
@@ -177,8 +178,8 @@ def run_dpo(config: DPOJobConfig, pairs_dir: str | Path, out: str | Path) -> dic
     # Where evaluation finds the reference: the merged copy the run hands back, or the model itself.
     label = str(out / "reference") if is_one_lora_run(model) else model
     init_ray()
-    loop_cfg = {**config.model_dump(exclude={"tracking", "storage_path"}), "model": model, "reference_label": label,
-                "train": train, "held": held}
+    loop_cfg = {**config.model_dump(exclude={"tracking", "storage_path", "use_gpu"}), "model": model,
+                "reference_label": label, "train": train, "held": held}
     fit_and_collect(_train_loop, loop_cfg, workers=config.workers, name="dpo", storage_path=config.storage_path,
-                    tracking=config.tracking, root=out)
+                    tracking=config.tracking, root=out, use_gpu=config.use_gpu)
     return json.loads((out / "dpo_metrics.json").read_text())

@@ -6,10 +6,11 @@ as MoTE training's (training/run.py):
 - storage: the Ray Train run lives in `storage_path` (a local path, NFS or a cloud URI; None =
   OUT/ray). Workers never write to the driver's OUT: rank 0 writes its outputs into a temporary
   directory and reports it as the run's Checkpoint (`report_outputs`); the driver copies
-  `result.checkpoint` into OUT (`fit_and_collect`), which works whatever node rank 0 ran on;
+  `result.checkpoint` into OUT (`fit_and_collect`). On a multi-node cluster storage_path and a
+  `file:` MLflow store must be shared (NFS) or URIs: checked on every node before training
+  (`check_shared_storage`);
 - tracking: MLflow (a file store at OUT/mlruns by default) and W&B when configured, from rank 0
-  (`start_tracker`, `tracking_callback`). A `file:` store is written on rank 0's node: on a
-  multi-node cluster point `tracking.mlflow` at a server or a shared path.
+  (`start_tracker`, `tracking_callback`).
 """
 
 from __future__ import annotations
@@ -68,33 +69,83 @@ def scaling_config(workers: int, use_gpu: bool | None = None):
     return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": train_worker_cpus(workers)})
 
 
-def precision_args() -> dict:
-    """TrainingArguments for the worker's device: TRL's configs default to bf16 even on CPU; we keep
-    fp32 there (as MoTE training does) and mixed bf16 on a GPU that supports it."""
+def precision_args(use_gpu: bool) -> dict:
+    """TrainingArguments for the device the driver chose (`fit_and_collect`), not for what the worker
+    happens to see (a CPU worker on a GPU node still sees CUDA): TRL's configs default to bf16 even
+    on CPU; we keep fp32 there (as MoTE training does) and mixed bf16 on a GPU that supports it."""
     import torch
 
-    gpu = torch.cuda.is_available()
+    gpu = bool(use_gpu)
     return {"use_cpu": not gpu, "bf16": gpu and torch.cuda.is_bf16_supported(), "fp16": False}
 
 
+def check_shared_storage(paths: dict[str, str]) -> None:
+    """On a multi-node cluster, refuse before training when a local path the workers must write
+    (Ray Train's storage, a `file:` MLflow store) is not visible on every node: rank 0 may run on
+    any of them, and Ray would only fail at the final upload, after all the compute. A marker file
+    written here must be readable from a task on each alive node (NFS passes, a node's own disk
+    does not)."""
+    import uuid
+
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    local = {k: v.removeprefix("file://").removeprefix("file:") for k, v in paths.items()
+             if v and ("://" not in v or v.startswith("file:"))}
+    if len(nodes) < 2 or not local:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    markers = {}
+    for what, path in local.items():
+        Path(path).mkdir(parents=True, exist_ok=True)
+        markers[what] = Path(path) / f".mote-shared-{uuid.uuid4().hex}"
+        markers[what].write_text("")
+
+    @ray.remote(num_cpus=0)
+    def visible(files: list[str]) -> list[bool]:
+        return [os.path.exists(f) for f in files]
+
+    try:
+        names = list(markers)
+        seen = ray.get([visible.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote([str(markers[k]) for k in names]) for n in nodes])
+    finally:
+        for m in markers.values():
+            m.unlink(missing_ok=True)
+    missing = sorted({names[i] for row in seen for i, ok in enumerate(row) if not ok})
+    if missing:
+        raise MoteError(f"{', '.join(f'{k} {local[k]}' for k in missing)}: a local path on this node only, but the "
+                        f"cluster has {len(nodes)} nodes and rank 0 may run on any of them; use shared storage "
+                        "(NFS mounted on every node) or a URI (--set storage_path=s3://..., tracking.mlflow=http://...)")
+
+
 def fit_and_collect(train_fn: Callable[[dict], None], loop_config: dict, *, workers: int, name: str,
-                    storage_path: str | None, tracking: TrackingConfig, root: Path, out: Path | None = None):
+                    storage_path: str | None, tracking: TrackingConfig, root: Path, out: Path | None = None,
+                    use_gpu: bool | None = None):
     """Run `train_fn` on `workers` Ray Train workers and copy the outputs rank 0 reported into `out`
     (default: `root`). `root` is the job's OUT: the run goes to `storage_path` or root/ray, the
     default MLflow store is root/mlruns. The loop gets `loop_config` plus `tracking` (the MLflow URI
-    resolved) and `run_name`. Returns the Ray Train Result."""
+    resolved), `run_name` and `use_gpu` (decided here: GPU workers when the cluster has a GPU for
+    each, unless the config says). Returns the Ray Train Result."""
+    import ray
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     root = Path(root).resolve()
     out = Path(out).resolve() if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**loop_config, "run_name": name,
-           "tracking": {**tracking.model_dump(), "mlflow": resolve_mlflow_uri(tracking.mlflow, root)}}
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    print(f"mote-ray: {name}: {workers} {'GPU' if use_gpu else 'CPU'} worker(s), "
+          f"{'bf16 mixed precision' if use_gpu else 'fp32'}", flush=True)
+    mlflow = resolve_mlflow_uri(tracking.mlflow, root)
+    check_shared_storage({"storage_path": storage_path or str(root / "ray"), "tracking.mlflow": mlflow or ""})
+    cfg = {**loop_config, "run_name": name, "use_gpu": use_gpu, "tracking": {**tracking.model_dump(), "mlflow": mlflow}}
     # The Ray Train run's name carries a hash of OUT: jobs sharing a storage_path with the same `name`
     # would otherwise restore each other's snapshot. MLflow keeps the plain name.
     run_dir = f"{name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
-    trainer = TorchTrainer(train_fn, train_loop_config=cfg, scaling_config=scaling_config(workers),
+    trainer = TorchTrainer(train_fn, train_loop_config=cfg, scaling_config=scaling_config(workers, use_gpu),
                            run_config=RunConfig(name=run_dir, storage_path=storage_path or str(root / "ray"),
                                                 checkpoint_config=CheckpointConfig(num_to_keep=1)))
     with report_polling():
