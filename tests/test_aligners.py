@@ -311,3 +311,15 @@ def test_storage_path_is_made_absolute_and_uris_are_kept(tmp_path, monkeypatch):
         assert make(storage_path="runs").storage_path == str(tmp_path.resolve() / "runs")
         assert make(storage_path="s3://bucket/runs").storage_path == "s3://bucket/runs"
         assert make().storage_path is None
+
+
+def test_rows_longer_than_max_len_are_counted_not_silently_cut(tiny_model_hd32):
+    """TRL would cut a long row's completion (losing [DONE]) or drop it silently: such rows are
+    left out and counted before training."""
+    from mote_ray.aligners.train import fitting_rows
+
+    short = {"question": "Question 1?", "draft": "Draft 1.", "corrected": "OK."}
+    long = {"question": "Why? " * 200, "draft": "Draft.", "corrected": "OK."}
+    kept, over = fitting_rows(tiny_model_hd32, [short, long, short], 64)
+    assert kept == [short, short] and over == 1
+    assert fitting_rows(tiny_model_hd32, [long], 4096) == ([long], 0)

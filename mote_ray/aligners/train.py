@@ -72,6 +72,20 @@ def completion_rows(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
+def fitting_rows(base: str, rows: list[dict], max_len: int) -> tuple[list[dict], int]:
+    """The rows whose prompt + completion fit `max_len` tokens, and how many did not. TRL would cut a
+    longer row from the end — its completion losing `[DONE]`, teaching the aligner not to stop — or
+    drop it without a word when the whole completion is cut; here they are counted and said."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    keep = [r for r, c in zip(rows, completion_rows(rows))
+            if len(tok(c["prompt"])["input_ids"]) + len(tok(c["completion"], add_special_tokens=False)["input_ids"])
+            <= max_len]
+    return keep, len(rows) - len(keep)
+
+
 def sft_trainer(cfg: dict, train: list[dict], held: list[dict], output_dir: str, rank: int = 0):
     """TRL's SFTTrainer for one aligner: the markers added as special tokens (embeddings resized),
     the loss on the completion only (TRL's default for prompt-completion rows: labels are -100 on
@@ -171,16 +185,28 @@ def train_aligner(config: AlignerTrainConfig, criterion: str, train: list[dict],
     from mote_ray.training.conventions import fit_and_collect
 
     init_ray()
+    base = worker_path(config.model)
+    train, over_train = fitting_rows(base, train, config.max_len)
+    held, over_held = fitting_rows(base, held, config.max_len)
+    if over_train or over_held:
+        print(f"mote-ray: aligner {criterion}: {over_train} training and {over_held} held-out rows are longer "
+              f"than max_len={config.max_len} tokens: not trained on (raise max_len to keep them)", flush=True)
+    if not train:
+        raise MoteError(f"aligner {criterion}: no training row fits max_len={config.max_len} tokens; raise max_len")
     cols = ("question", "draft", "corrected")
     loop = {**config.model_dump(exclude={"tracking", "storage_path", "use_gpu"}),
-            "base": worker_path(config.model),
+            "base": base,
             "criterion": criterion, "train": [{k: r[k] for k in cols} for r in train],
             "held": [{k: r[k] for k in cols} for r in held]}
     out = Path(squad) / "aligners" / criterion
     fit_and_collect(_train_loop, loop, workers=config.workers, name=f"aligner-{criterion}",
                     storage_path=config.storage_path, tracking=config.tracking, root=Path(squad), out=out,
                     use_gpu=config.use_gpu)
-    return json.loads((out / "aligner_metrics.json").read_text())
+    metrics = json.loads((out / "aligner_metrics.json").read_text())
+    metrics["not_trained_on"] = {f"train_over_max_len_{config.max_len}": over_train,
+                                 f"held_out_over_max_len_{config.max_len}": over_held}
+    (out / "aligner_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 def train_inspector(config: AlignerTrainConfig, rows: list[dict]) -> tuple[dict, dict]:
