@@ -130,10 +130,17 @@ def test_bad_requests_and_auth_over_http(server, client):
     assert _post(server, good, KEY)[0] == 200
 
 
-def test_exact_path_equals_reference_generator_token_for_token(client, trained):
-    prompts = [f"Question {i}? Tell me about item {i * 7}." for i in range(8)]
-    limits = {"analysis": 12, "guidance": 12, "answer": 16}
-    served = [_token_ids(client, p, "adaptive", limits) for p in prompts]
+def test_exact_path_equals_reference_generator_token_for_token(server, client, trained):
+    """The default server: the vLLM MoTE model compiled (torch.compile on CPU), 16 chains in flight
+    at once (mixed prefill and decode steps), token for token the transformers reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert {k: v for k, v in _engine_stats(server, KEY).items() if k in ("engine", "compiled")} == \
+        {"engine": "vllm", "compiled": True}
+    prompts = [f"Question {i}? Tell me about item {i * 7}." for i in range(16)]
+    limits = {"analysis": 24, "guidance": 24, "answer": 32}
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(lambda p: _token_ids(client, p, "adaptive", limits), prompts))
     assert served == _reference(trained, prompts, "adaptive", limits)
 
 
@@ -209,7 +216,8 @@ def test_disconnect_and_timeout_abort_the_engine_request(random_mote_dir, tmp_pa
             "mote": {"mode": "full", "stage_max_tokens": long}}
     with LocalServer(["--model", str(run), "--replicas", "1", "--engine", "vllm", "--no-compile",
                       "--timeout", str(timeout)]) as srv:
-        assert _engine_stats(srv.base_url) == {"engine": "vllm", "unfinished_requests": 0, "aborted_requests": 0}
+        assert _engine_stats(srv.base_url) == {"engine": "vllm", "unfinished_requests": 0, "aborted_requests": 0,
+                                               "compiled": False}
         t0 = time.monotonic()
         status, _ = _post(srv.base_url, json.dumps({**body, "mote": {"mode": "full"}, "max_tokens": 300}).encode(), None)
         per_token = (time.monotonic() - t0) / 300  # warm-up, and this engine's speed on one chain

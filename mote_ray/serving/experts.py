@@ -160,9 +160,9 @@ class ExactExpert(_ChainServer):
     def engine_stats(self) -> dict:
         """The engine's own count of requests it still holds (vLLM), for fault tests and readiness."""
         if self.name != "vllm":
-            return {"engine": self.name, "unfinished_requests": None, "aborted_requests": None}
+            return {"engine": self.name, "unfinished_requests": None, "aborted_requests": None, "compiled": False}
         return {"engine": self.name, "unfinished_requests": self.engine.unfinished_requests(),
-                "aborted_requests": self.engine.aborted}
+                "aborted_requests": self.engine.aborted, "compiled": self.engine.compiled}
 
     def check_health(self):
         if self.name == "vllm" and getattr(self.engine.llm, "errored", False):
