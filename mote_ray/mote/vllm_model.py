@@ -12,8 +12,8 @@ sampled id already carries the expert that will read it.
 
 The routing is computed inside the inner model's forward (a pre-hook on its input embedding turns
 the tagged ids into per-token gates), so a traced graph computes it from each step's ids:
-torch.compile (vLLM's trace-once inductor mode on CPU) gives the same tokens as eager mode
-(tests/test_mote_inference.py). Tensor parallel 1 only (the expert tensors are not sharded).
+torch.compile (vLLM's trace-once inductor mode on CPU; `mote-ray serve`'s default) gives the
+reference's tokens (tests/test_serving.py, 16 chains in flight). Tensor parallel 1 only (the expert tensors are not sharded).
 """
 
 from __future__ import annotations
