@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from mote_ray.records import GenerationRequest, SamplingParams
+from mote_ray.records import GenerationRequest, SamplingParams, request_seed
 from mote_ray.stages import Stage, Templates, Verdict, parse_verdict
 
 
@@ -120,8 +120,10 @@ class ChainBuilder:
         from mote_ray.chat import encode
 
         msgs = self.templates.messages(s.next, s.history, s.question, s.analysis, s.guidance, s.answer)
-        req = GenerationRequest(id=f"{s.id}:{s.next.value}", messages=msgs,
-                                sampling=self.sampling.model_copy(update={"max_tokens": self.max_tokens[s.next.value]}))
+        rid = f"{s.id}:{s.next.value}"
+        seed = request_seed(self.sampling.seed, f"{rid}:{len(s.attempts)}")  # answer/check repeat per attempt
+        req = GenerationRequest(id=rid, messages=msgs, sampling=self.sampling.model_copy(
+            update={"max_tokens": self.max_tokens[s.next.value], "seed": seed}))
         n = len(encode(self.engine.tokenizer, req))
         if n + min(8, req.sampling.max_tokens) > self.max_model_len:
             s.error = (f"{s.next.value} prompt has {n} tokens; it does not fit max_model_len={self.max_model_len} "

@@ -6,6 +6,7 @@ string. Validation happens here, once, with the offending value in the error.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +16,15 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+def request_seed(seed: int | None, key: str) -> int | None:
+    """A request's own seed, from the run's seed and the request's key (prompt id, stage, attempt): the
+    same request samples the same tokens in every run, and two prompts never share a random stream
+    (one seed on every request would make all rows of a batch draw the same numbers)."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1
 
 
 class SamplingParams(BaseModel):

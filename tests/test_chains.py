@@ -94,3 +94,38 @@ def test_real_engine_builds_recorded_chains(tiny_model):
         assert all(a.verdict != "safe" for a in s.attempts[:2])
         assert s.analysis and s.guidance and s.answer == s.attempts[-1].answer
         assert s.stage_tokens["check"] <= 3 * MAX["check"] and s.completion_tokens > 0
+
+
+def test_each_request_has_its_own_seed_and_keeps_it_across_runs(tok):
+    """One seed on every request made all rows of a batch draw the same random numbers."""
+    def seeds(questions):
+        engine, builder = build(tok, {q: ["UNSAFE", "UNSAFE", "SAFE"] for q in questions})
+        seen, generate = {}, engine.generate
+
+        def record(reqs):  # key: (request id, how many times that id was asked before)
+            for r in reqs:
+                seen[(r.id, sum(k[0] == r.id for k in seen))] = r.sampling.seed
+            return generate(reqs)
+
+        engine.generate = record
+        builder.sampling = SamplingParams(temperature=1.0, seed=7)
+        builder.run(rows(*questions))
+        return seen
+
+    both = seeds(["alpha", "beta"])
+    assert len(set(both.values())) == len(both) == 2 * 8  # 3 answers + 3 checks + analysis + guidance each
+    alone = seeds(["alpha"])
+    assert all(both[k] == v for k, v in alone.items())  # q0 ("alpha") samples alike with or without beta
+
+
+def test_sampled_chains_do_not_depend_on_batch_neighbours_on_a_real_engine(tiny_model):
+    from mote_ray.engines import create_engine
+
+    engine = create_engine(EngineConfig(model=tiny_model, engine="transformers"))
+    builder = ChainBuilder(engine, Templates(), MAX, SamplingParams(temperature=1.0, seed=3))
+    texts = (lambda states: [(s.analysis, s.guidance, s.answer) for s in states])
+    alone = texts(builder.run([{"id": "a", "question": "Tell me a story.", "history": []}]))
+    pair = texts(builder.run([{"id": "b", "question": "Tell me a story.", "history": []},
+                              {"id": "a", "question": "Tell me a story.", "history": []}]))
+    assert pair[1] == alone[0]  # the same request, another neighbour: the same tokens
+    assert pair[0] != pair[1]  # the same question under another id draws its own sample

@@ -83,7 +83,7 @@ class CritiqueStage:
         self.engine = create_engine(self.cfg.engine)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from mote_ray.records import GenerationRequest, SamplingParams
+        from mote_ray.records import GenerationRequest, SamplingParams, request_seed
 
         rows, too_long = [], []
         for r in batch.to_pylist():
@@ -97,7 +97,8 @@ class CritiqueStage:
                 {"role": "user", "content": build_prompt(CRITERIA[r["criterion"]], r["question"], r["shots"])},
                 {"role": "assistant", "content": texts[r["id"]] + f"{field} "}],
                 sampling=SamplingParams(max_tokens=self.cfg.max_tokens[key], temperature=self.cfg.temperature,
-                                        seed=self.cfg.seed + k, stop=stop)) for r in rows]
+                                        seed=request_seed(self.cfg.seed, f"{r['id']}:{key}"), stop=stop))
+                    for r in rows]
             for r, res in zip(rows, self.engine.generate(reqs)):
                 value = res.text.strip()
                 got[r["id"]][key] = value
@@ -173,7 +174,7 @@ def topic_questions(config: AlignerDataConfig, out: Path) -> list:
     from mote_ray.cluster import init_ray
     from mote_ray.engine_stage import map_engine
     from mote_ray.inputs import read_prompts
-    from mote_ray.records import SamplingParams
+    from mote_ray.records import SamplingParams, request_seed
 
     cache = out / "topic_questions.jsonl"
     if not cache.is_file():
@@ -182,8 +183,9 @@ def topic_questions(config: AlignerDataConfig, out: Path) -> list:
                                                                          f"an assistant about {t}. Reply with the "
                                                                          f"question only."}]}
                 for t in config.topics for i in range(config.questions_per_topic)]
-        ds = ray.data.from_items(asks).map(lambda r: {**r, "sampling": {"max_tokens": 48, "temperature": 0.9,
-                                                                        "seed": config.seed, "stop": ["\n"]}})
+        # Each ask its own seed: one prompt asked N times must not draw one random stream N times.
+        ds = ray.data.from_items(asks).map(lambda r: {**r, "sampling": {
+            "max_tokens": 48, "temperature": 0.9, "seed": request_seed(config.seed, r["id"]), "stop": ["\n"]}})
         done = map_engine(ds, config.engine, config.pool, sampling=SamplingParams()).take_all()
         cache.write_text("".join(json.dumps({"prompt": r["text"].strip(), "topic": r["id"].split("#")[0]}) + "\n"
                                  for r in done))

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 
 from mote_ray.anchored.data import Task
-from mote_ray.records import GenerationRequest, SamplingParams
+from mote_ray.records import GenerationRequest, SamplingParams, request_seed
 
 CRITERIA = ("factual accuracy", "logical coherence", "clarity", "relevance", "depth of argumentation")
 VERDICT_VALUE = {"5": 1.0, "4": 0.8, "3": 0.6, "2": 0.2, "1": 0.0}
@@ -70,9 +70,11 @@ class Sampler:
         self.letter_ids = {c: token_of(engine.tokenizer, c) for c in "ABCDEFGH"}
 
     def _open(self, task: Task, assistant: str, i: int, **sampling) -> GenerationRequest:
-        return GenerationRequest(id=f"{task.id}#{i}", continue_final=True, messages=[
+        rid = f"{task.id}#{i}"
+        return GenerationRequest(id=rid, continue_final=True, messages=[
             {"role": "user", "content": instruction(task)}, {"role": "assistant", "content": assistant}],
-            adapter=self.adapter, sampling=SamplingParams(temperature=self.temperature, seed=self.seed + i, **sampling))
+            adapter=self.adapter, sampling=SamplingParams(temperature=self.temperature,
+                                                          seed=request_seed(self.seed, rid), **sampling))
 
     def explain(self, tasks: list[Task], prefix: dict[str, str] | None = None, n: int | None = None) -> list[dict]:
         """One explanation per (task, sample index): {task, index, explanation, truncated}."""
