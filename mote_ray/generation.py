@@ -64,7 +64,9 @@ class GenerateConfig(BaseModel):
     engine: EngineConfig = EngineConfig()
     pool: PoolConfig = PoolConfig(batch_size=32)
     templates: Templates = Templates()
-    max_tokens: dict[str, int] = Field(default_factory=lambda: {"analysis": 96, "guidance": 96, "answer": 128,
+    # Defaults fit the offline default model's 512-token context with its templates (~310 tokens of
+    # them: a byte-level tokenizer); `check_context` measures this per model at the start of a job.
+    max_tokens: dict[str, int] = Field(default_factory=lambda: {"analysis": 32, "guidance": 32, "answer": 64,
                                                                 "check": 8})
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -72,8 +74,8 @@ class GenerateConfig(BaseModel):
     # Chains still unsafe after all stages: `keep_flagged` keeps them for training with flagged=true;
     # `drop` sets kept=false. Either way the row and its attempts stay in chains/ (nothing is lost).
     policy: Literal["keep_flagged", "drop"] = "keep_flagged"
-    question_tokens: int = Field(128, ge=8)  # longer questions are clipped in stage prompts
-    history_tokens: int = Field(64, ge=0)    # oldest turns beyond this are left out of stage prompts
+    question_tokens: int = Field(48, ge=8)  # longer questions are clipped in stage prompts
+    history_tokens: int = Field(24, ge=0)   # oldest turns beyond this are left out of stage prompts
     # Chains in flight per engine call; None = the whole batch in lockstep. A smaller number lets new
     # prompts start while others are at later stages (one engine call then mixes stages).
     max_active: int | None = Field(None, ge=1)
@@ -82,7 +84,8 @@ class GenerateConfig(BaseModel):
     def _budgets_fit_the_context(self) -> GenerateConfig:
         """A chain at the clipping limits whose stages use their budgets must fit the engine's context,
         else its answer prompt cannot be built and the row ends as an error (chains.py). Checked on
-        load so a cluster run does not find out hours in. Template text comes on top of this."""
+        load so a cluster run does not find out hours in; the templates' own tokens are added at the start
+        of the job, when the tokenizer is at hand (`check_context`)."""
         missing = {"analysis", "guidance", "answer", "check"} - set(self.max_tokens)
         if missing:
             raise ValueError(f"max_tokens needs a budget for every stage; missing {sorted(missing)}")
@@ -97,6 +100,39 @@ class GenerateConfig(BaseModel):
                              f"{need} tokens (plus template text). Lower some of these by {need - ctx} in total, "
                              f"or raise engine.max_model_len if the model's context allows")
         return self
+
+
+def check_context(config: GenerateConfig, tokenizer) -> dict[str, int]:
+    """The longest prompt each stage can get, measured with this model's tokenizer and chat template:
+    the templates' own text plus every text it quotes at its budget (history as one exchange). Raises,
+    naming the numbers, when a stage could not then write its own budget: such a chain would end as an
+    error row (chains.py) or with its answer cut short. Returns tokens needed per stage."""
+    from mote_ray.chat import encode
+    from mote_ray.errors import MoteError
+    from mote_ray.records import GenerationRequest
+    from mote_ray.stages import Stage
+
+    m, ctx, t = config.max_tokens, config.engine.max_model_len, config.templates
+    history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}] if config.history_tokens else []
+    quoted = {"analysis": ["question"], "guidance": ["question", "analysis"],
+              "answer": ["history", "question", "analysis", "guidance"], "check": ["question", "answer"]}
+    budget = {"history": config.history_tokens, "question": config.question_tokens, **m}
+    need, parts = {}, {}
+    for stage in Stage:
+        x = {k: "x" for k in ("analysis", "guidance", "answer") if k in quoted[stage.value]}
+        msgs = t.messages(stage, history, "x", **x)
+        template = len(encode(tokenizer, GenerationRequest(messages=msgs)))  # each "x" stands for its budget
+        parts[stage.value] = {"template text": template, **{k: budget[k] for k in quoted[stage.value]},
+                              f"max_tokens.{stage.value}": m[stage.value]}
+        need[stage.value] = sum(parts[stage.value].values())
+    over = {s: n for s, n in need.items() if n > ctx}
+    if over:
+        s = max(over, key=over.get)
+        terms = " + ".join(f"{k} {v}" for k, v in parts[s].items())
+        raise MoteError(f"the {s} stage's prompt and budget do not fit engine.max_model_len={ctx} with this model's "
+                        f"templates: {terms} = {need[s]} tokens. Lower question_tokens, history_tokens or "
+                        f"max_tokens by {need[s] - ctx} in total, or raise engine.max_model_len if the model allows")
+    return need
 
 
 class ChainStage:
@@ -197,6 +233,10 @@ def run_generate(config: GenerateConfig, prompts: list[str], out: str | Path, *,
     from mote_ray import fingerprint
     from mote_ray.inputs import read_prompts
 
+    from mote_ray.chat import load_tokenizer
+    from mote_ray.models import resolve_model
+
+    check_context(config, load_tokenizer(resolve_model(config.engine.model, config.engine.gguf_file)))
     out = Path(out)
     fingerprint.check(out, output_fingerprint(config), has_output=bool(chain_files(out)), restart=restart,
                       what="generated chains",

@@ -53,7 +53,7 @@ def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers()
 
     # What jobs/configs/pipeline.yaml shipped: 256/256/512 budgets against max_model_len 512.
     with pytest.raises(ValidationError, match=r"engine.max_model_len=512.*max_tokens.analysis 256 .*max_tokens.answer "
-                                              r"512 = 1216 tokens.*Lower some of these by 704"):
+                                              r"512 = 1096 tokens.*Lower some of these by 584"):
         PipelineConfig(generate={"max_tokens": {"analysis": 256, "guidance": 256, "answer": 512, "check": 8}})
     with pytest.raises(ValidationError, match="eval_max_tokens 512"):
         PipelineConfig(eval_max_tokens=512)
@@ -61,3 +61,37 @@ def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers()
         GenerateConfig(max_tokens={"analysis": 8, "guidance": 8, "answer": 8})
     # The same budgets fit once the context is raised.
     GenerateConfig(engine={"max_model_len": 2048}, max_tokens={"analysis": 256, "guidance": 256, "answer": 512, "check": 8})
+
+
+def test_the_longest_chain_fits_the_context_as_measured_with_the_models_own_templates(tiny_model):
+    """A chain whose texts all use their budgets must leave its answer the whole answer budget; the
+    job-start check measures the templates, and refuses (naming the numbers) what would not fit."""
+    from mote_ray.chat import encode, load_tokenizer
+    from mote_ray.errors import MoteError
+    from mote_ray.generation import GenerateConfig, check_context
+    from mote_ray.models import resolve_model
+    from mote_ray.records import GenerationRequest
+    from mote_ray.stages import Stage
+
+    here = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    for model in (None, tiny_model):  # the offline default (byte-level: one token per character) and a real one
+        tok = load_tokenizer(resolve_model(model))
+        for shipped in (GenerateConfig(), GenerateConfig(**load_yaml(here / "generate.yaml")),
+                        GenerateConfig(**load_yaml(here / "pipeline.yaml")["generate"])):
+            need = check_context(shipped, tok)
+            assert max(need.values()) <= shipped.engine.max_model_len
+    tok, cfg = load_tokenizer(resolve_model(None)), GenerateConfig()
+    m = cfg.max_tokens
+    full = (lambda n: ("word " * n)[:n])  # n tokens for the byte-level tokenizer
+    history = [{"role": "user", "content": full(cfg.history_tokens // 2)},
+               {"role": "assistant", "content": full(cfg.history_tokens // 2)}]
+    msgs = cfg.templates.messages(Stage.ANSWER, history, full(cfg.question_tokens), full(m["analysis"]),
+                                  full(m["guidance"]))
+    longest = len(encode(tok, GenerationRequest(messages=msgs)))
+    assert longest + m["answer"] <= check_context(cfg, tok)["answer"] <= cfg.engine.max_model_len
+    # What the old defaults asked (96/96/128, question 128, history 64) cannot fit: refused at start.
+    old = GenerateConfig(max_tokens={"analysis": 96, "guidance": 96, "answer": 128, "check": 8}, question_tokens=128,
+                         history_tokens=64)
+    with pytest.raises(MoteError, match=r"the answer stage's prompt and budget do not fit engine.max_model_len=512"
+                                        r".*template text \d+ \+ history 64 \+ question 128 .*Lower"):
+        check_context(old, tok)
