@@ -12,11 +12,24 @@ MODELS = SHARED / "models"
 DATASETS = SHARED / "datasets"
 
 
+# What tests read from ../shared; without any of it those tests skip.
+NEEDED = ("models", "datasets", "openai", "kuberay")
+
+
 def pytest_configure(config):
-    # Without ../shared nearly every test skips, and a run that tests nothing must not pass in CI.
-    if os.environ.get("CI", "").lower() in ("true", "1") and not (MODELS.is_dir() and DATASETS.is_dir()):
+    # Without ../shared (or vLLM) nearly every test skips, and a run that tests nothing must not pass in CI.
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        return
+    missing = [d for d in NEEDED if not (SHARED / d).is_dir()]
+    if len(missing) == len(NEEDED):
         raise pytest.UsageError(f"CI=true but the shared models and datasets are missing at {SHARED} (models/ and "
                                 f"datasets/); put shared/ beside the repository or set MOTE_SHARED to its path")
+    if missing:
+        raise pytest.UsageError(f"CI=true but {SHARED} lacks {', '.join(d + '/' for d in missing)}: the tests that "
+                                f"read them would skip")
+    if not vllm_available():
+        raise pytest.UsageError("CI=true but vllm is not importable: every vLLM test would skip (./install.sh "
+                                "installs it)")
 
 
 def pytest_collection_modifyitems(config, items):

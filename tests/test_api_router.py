@@ -304,3 +304,17 @@ def test_body_too_large_is_a_413(tok):
     router = make_router(tok, FakeExpert())
     status, data, _ = run(call(router, b'{"model": "tiny", "messages": [], "pad": "' + b"x" * (1 << 21) + b'"}'))
     assert status == 413 and data["error"]["code"] == "body_too_large"
+
+
+def test_expert_health_check_fails_when_its_vllm_engine_has_died():
+    """Serve calls check_health on each replica; a dead engine must fail it so the replica is replaced
+    and /readyz (which reads the deployment state) stops saying ready."""
+    from mote_ray.serving.experts import ExactExpert
+
+    cls = ExactExpert.func_or_class
+    expert = cls.__new__(cls)  # the health check only reads the engine; no model is loaded here
+    expert.name, expert.engine = "vllm", SimpleNamespace(llm=SimpleNamespace(errored=False))
+    expert.check_health()
+    expert.engine.llm.errored = True
+    with pytest.raises(RuntimeError, match="vLLM engine has died"):
+        expert.check_health()
