@@ -31,7 +31,8 @@ class EngineConfig(BaseModel):
     enable_lora: bool = False
     max_lora_rank: int = Field(16, ge=1)
     max_loras: int = Field(4, ge=1)
-    # vLLM: share of GPU memory, or of host memory on CPU (0.2 is ample for small models there).
+    # vLLM: share of GPU memory (default 0.9), or of host memory on CPU. None on CPU: KV memory sized to
+    # the model (engines/vllm_engine.cpu_kv_cache_bytes) rather than a fifth of the host per engine.
     gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1)  # transformers micro-batch
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = leave as is

@@ -26,6 +26,16 @@ from mote_ray.records import GenerationRequest, GenerationResult
 CPU_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 
 
+def cpu_kv_cache_bytes(hf_config: dict, max_len: int) -> int:
+    """KV memory for a CPU engine, sized to the model: room for 128 full-length sequences, at most
+    4 GiB. vLLM's default on CPU is a share of host memory (0.2 of 24 GiB: 4.6 GiB per engine, all
+    allocated at start-up), which a 300K-param model never uses and several engines cannot share."""
+    heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    per_token = 2 * hf_config["num_hidden_layers"] * heads * head_dim * 4  # K and V, fp32
+    return int(min(4 << 30, max(64 << 20, per_token * max_len * 128)))
+
+
 class VLLMEngine:
     name = "vllm"
 
@@ -40,8 +50,12 @@ class VLLMEngine:
         dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
         has_tokenizer = any((Path(resolved.path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         kwargs = dict(model=resolved.weights, dtype=dtype, max_model_len=config.max_model_len, seed=config.seed,
-                      gpu_memory_utilization=config.gpu_memory_utilization or (0.2 if on_cpu else 0.9),
                       enforce_eager=on_cpu, skip_tokenizer_init=False)
+        hf_config = resolved.hf_config()
+        if on_cpu and config.gpu_memory_utilization is None and "num_hidden_layers" in hf_config:
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(hf_config, config.max_model_len)
+        else:  # a GGUF file carries its shape inside; a share of host (CPU) or GPU memory then
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization or (0.2 if on_cpu else 0.9)
         if on_cpu:
             kwargs["distributed_executor_backend"] = CPU_EXECUTOR
         if has_tokenizer:

@@ -76,7 +76,7 @@ def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utiliza
     eager: it removes the per-op Python overhead that dominates a small model's decode step, for more
     start-up on first use (cached in ~/.cache/vllm). On GPU the model runs eager (CUDA graphs are
     untested with the MoTE hooks here)."""
-    from mote_ray.engines.vllm_engine import CPU_EXECUTOR
+    from mote_ray.engines.vllm_engine import CPU_EXECUTOR, cpu_kv_cache_bytes
     from mote_ray.mote.vllm_model import MoTELogitsProcessor, register
 
     register()  # in this process too (the entry point covers vLLM's own processes)
@@ -89,12 +89,7 @@ def _engine_kwargs(vllm_dir: Path, max_model_len: int | None, gpu_memory_utiliza
                   enable_prefix_caching=True, generation_config="vllm",
                   logits_processors=[MoTELogitsProcessor], seed=0)
     if on_cpu and gpu_memory_utilization is None:
-        # On CPU the KV reservation is host memory: size it to the model (room for 128 full-length
-        # sequences, at most 4 GiB) instead of a share of the host, so several engines fit.
-        heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        per_token = 2 * cfg["num_hidden_layers"] * heads * head_dim * 4
-        kwargs["kv_cache_memory_bytes"] = int(min(4 << 30, max(64 << 20, per_token * max_len * 128)))
+        kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(cfg, max_len)  # host memory, sized to the model
         # The CPU default block is 128 tokens; the prefix cache reuses whole blocks only, so a chain's
         # stages (tens of tokens each) would share nothing. 32 is the CPU kernels' granularity.
         kwargs["block_size"] = 32
