@@ -23,7 +23,7 @@ SPLITS, HELD_OUT = 5, 0.3
 def main() -> int:
     from mote_ray.eval.refusal import RefusalJudge, read_labels, rule_refusal, scores, split
 
-    rows = read_labels(sorted((SHARED / "datasets" / "refusal_labels").glob("refusal*.csv")))
+    rows, _ = read_labels(sorted((SHARED / "datasets" / "refusal_labels").glob("refusal*.csv")))
     judge_runs, rule_runs = [], []
     for seed in range(SPLITS):
         train, test = split(rows, HELD_OUT, seed)

@@ -23,7 +23,7 @@ class _Eval(Command):
                                                                   "http://host:8000/v1); repeatable")
     suite: Literal["harmlessness", "jailbreak", "overrefusal", "helpfulness"] | None = None
     data: CliVariadicArg[list[str]] = Field(default_factory=list, description="prompt files (CSV, JSON, JSONL, "
-                                                                              "Parquet)")
+                                                                              "Parquet; .txt: a prompt per line)")
     format: str = Field("auto", description="advbench, harmbench, jailbreakbench, xstest, strongreject, "
                         "do-not-answer, tdc2023, alpacaeval, alpaca, or auto (column detection)")
     column: str | None = Field(None, description="the prompt column, when the format does not name it")
@@ -62,13 +62,15 @@ class _Eval(Command):
         return super().layers(config_cls, **adds, **extra)
 
     def run(self) -> int:
+        from mote_ray.eval.report import fmt
         from mote_ray.eval.run import run_eval
 
         config = self.layers()
         results = run_eval(config, self.out, restart=self.restart)
         for name, entry in results["suites"].items():
-            for model, res in entry["models"].items():
-                print(f"{name:13s} {model:24s} " + ", ".join(f"{k} {v['value']:.3f}" for k, v in res["metrics"].items()))
+            for model, res in entry["models"].items():  # a metric with nothing scored prints "no data"
+                values = ", ".join(f"{k} {fmt(v['value'])}" for k, v in res["metrics"].items())
+                print(f"{name:13s} {model:24s} {values}")
         print(f"mote-ray: report in {self.out}/report.html (results.json, report.md)", file=sys.stderr)
         return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mote_ray.errors import MoteError
-from mote_ray.inputs import csv_records
+from mote_ray.inputs import Reject, _Broken, _raw, csv_records
 
 # Openings and phrases of declines, apologies and deflections (straight and curly apostrophes).
 _RULES = [
@@ -113,23 +113,48 @@ class RefusalJudge:
         return cls(coef=d["coef"], intercept=d["intercept"], threshold=d.get("threshold", 0.5))
 
 
-def read_labels(paths: Sequence[str | Path]) -> list[dict]:
+LABEL_COLUMNS = ("objective", "assistant_response", "human_score")
+
+
+def read_labels(paths: Sequence[str | Path]) -> tuple[list[dict], list[Reject]]:
     """Rows {objective, response, label} from refusal-label CSVs (objective, assistant_response,
-    human_score with 1 = refusal; `#` comment lines allowed), de-duplicated on the text pair."""
-    rows, seen = [], set()
+    human_score with 1 = refusal; `#` comment lines allowed), and the rejects with their reasons: a
+    broken record, a label other than 0/1, a repeat of an earlier text pair (the first one is kept)."""
+    rows, rejects, seen = [], [], {}
     for path in paths:
         # `#` lines are comments only between records (a response may hold a Markdown heading).
-        for _, r in csv_records(Path(path).read_text(encoding="utf-8")):
-            if not isinstance(r, dict):
-                raise MoteError(f"{path}: {r.reason}")
-            key = (" ".join(r["objective"].split()).lower(), " ".join(r["assistant_response"].split()).lower())
-            if key in seen or r.get("human_score") not in ("0", "1"):
+        for n, r in csv_records(Path(path).read_text(encoding="utf-8")):
+            reason = _label_problem(r)
+            key = None if reason else _pair(r)
+            if key in seen:
+                where, label = seen[key]
+                reason = f"duplicate of {where} (same objective and response)" + (
+                    f" with a different label ({label} there)" if label != r["human_score"].strip() else "")
+            if reason:
+                rejects.append(Reject(source=str(path), row=n, reason=reason, raw=_raw(r)))
                 continue
-            seen.add(key)
-            rows.append({"objective": r["objective"], "response": r["assistant_response"], "label": int(r["human_score"])})
+            seen[key] = (f"{path}:{n}", r["human_score"].strip())
+            rows.append({"objective": r["objective"], "response": r["assistant_response"],
+                         "label": int(r["human_score"])})
     if not rows:
-        raise MoteError(f"no labelled rows in {', '.join(map(str, paths))}")
-    return rows
+        raise MoteError(f"no labelled rows in {', '.join(map(str, paths))} ({len(rejects)} rejected)")
+    return rows, rejects
+
+
+def _label_problem(r) -> str | None:
+    if isinstance(r, _Broken):
+        return r.reason
+    missing = [c for c in LABEL_COLUMNS if c not in r]
+    if missing:
+        return f"no {', '.join(missing)} column (a label file has {', '.join(LABEL_COLUMNS)})"
+    if r["human_score"].strip() not in ("0", "1"):
+        return f"human_score {r['human_score']!r} is not 0 or 1"
+    return None
+
+
+def _pair(r: dict) -> tuple[str, str]:
+    """The text pair a duplicate repeats (case and spacing aside)."""
+    return " ".join(r["objective"].split()).lower(), " ".join(r["assistant_response"].split()).lower()
 
 
 def split(rows: list[dict], held_out: float = 0.3, seed: int = 0) -> tuple[list[dict], list[dict]]:

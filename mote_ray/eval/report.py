@@ -39,6 +39,8 @@ def cell(metric: dict | None) -> str:
         text += f"; answered only {fmt(ans['value'])} [{fmt(ans['ci'][0])}, {fmt(ans['ci'][1])}] (n={ans['n']})"
     elif metric.get("over") == "answered":
         text += f" (answered only, n={metric['n']})"
+    if metric.get("judge") not in (None, "llm"):  # e.g. refusal-only: a bound, not the benchmark's score
+        text += f" ({metric['judge']})"
     return text
 
 

@@ -53,11 +53,10 @@ def _slug(label: str) -> str:
 
 
 def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bool = False) -> dict:
-    from mote_ray.eval.data import SCORING, load_items, load_templates
     from mote_ray.eval.refusal import RefusalJudge
     from mote_ray.eval.report import write_reports
     from mote_ray.eval.responders import ModelSpec, respond
-    from mote_ray.eval.suites import mostly_failed, prompts_for, score
+    from mote_ray.eval.suites import mostly_failed, score
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +67,6 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bo
         raise MoteError(f"two models share a label ({[s.label for s in specs]}); name them with label=SPEC")
     api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
     judge = RefusalJudge.load(config.refusal_judge)
-    llm = _llm_judge(config, api_key)
     results: dict = {"summary": summary, "suites": {}, "models": [s.__dict__ for s in specs],
                      "refusal_judge": config.refusal_judge or "shipped (fitted on refusal_labels)",
                      "llm_judge": config.judge_model or config.judge_endpoint}
@@ -76,21 +74,8 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bo
     rows_by_suite = {}
     with open(out / "rejects.jsonl", "w") as rejects_file:
         for suite in config.suites:
-            items, rejects = load_items(suite.data, suite.format, suite.column, suite.limit, suite.keep_label)
-            templates = []
-            if suite.templates:
-                templates, t_rejects = load_templates(suite.templates)
-                rejects += t_rejects
-            for r in rejects:
-                rejects_file.write(json.dumps({"suite": suite.name, **r.model_dump()}) + "\n")
-            if not items:
-                raise MoteError(f"suite {suite.name}: no usable prompts in {suite.data} ({len(rejects)} rejected; "
-                                f"see {out / 'rejects.jsonl'})")
-            rows = prompts_for(suite.name, items, templates, suite.templates_per_prompt, config.seed)
-            rows_by_suite[suite.name] = [{**r, "id": f"{suite.name}:{r['id']}", "suite": suite.name} for r in rows]
-            results["suites"][suite.name] = {"data": suite.data, "items": len(items), "rows": len(rows),
-                                             "rejects": len(rejects), "scoring": SCORING.get(suite.format),
-                                             "models": {}}
+            rows_by_suite[suite.name], results["suites"][suite.name] = _suite_rows(suite, config.seed, rejects_file)
+    llm = _llm_judge(config, api_key)  # after the data checks: a bad file costs no judge engine start
     for spec in specs:
         caches = {name: out / "responses" / name / f"{_slug(spec.label)}.jsonl" for name in rows_by_suite}
         # Cached answers are reused only under the settings that produced them.
@@ -121,6 +106,29 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bo
     if failed:
         raise EvalMostlyFailed(f"{results['warning']} Report written to {out / 'report.html'}")
     return results
+
+
+def _suite_rows(suite: SuiteConfig, seed: int, rejects_file) -> tuple[list[dict], dict]:
+    """The rows the models answer for one suite and its results entry; rejects go to `rejects_file`."""
+    from mote_ray.eval.data import SCORING, load_items, load_templates
+    from mote_ray.eval.suites import prompts_for
+
+    items, rejects = load_items(suite.data, suite.format, suite.column, suite.limit, suite.keep_label)
+    templates, t_rejects = load_templates(suite.templates) if suite.templates else ([], [])
+    for r in rejects + t_rejects:
+        rejects_file.write(json.dumps({"suite": suite.name, **r.model_dump()}) + "\n")
+    where = f"see {rejects_file.name}"
+    if not items:
+        raise MoteError(f"suite {suite.name}: no usable prompts in {suite.data} ({len(rejects)} rejected; {where})")
+    if suite.templates and not templates:
+        why = "; ".join(sorted({r.reason for r in t_rejects})[:2]) or "no template files"
+        raise MoteError(f"suite {suite.name}: no usable jailbreak template in {suite.templates} ({why}; {where})")
+    rows = prompts_for(suite.name, items, templates, suite.templates_per_prompt, seed)
+    if not rows:  # nothing would be answered, and scoring would read answers never written
+        raise MoteError(f"suite {suite.name}: no prompts to answer ({len(items)} prompts, {len(templates)} templates)")
+    entry = {"data": suite.data, "items": len(items), "rows": len(rows), "rejects": len(rejects) + len(t_rejects),
+             "scoring": SCORING.get(suite.format), "models": {}}
+    return [{**r, "id": f"{suite.name}:{r['id']}", "suite": suite.name} for r in rows], entry
 
 
 class EvalMostlyFailed(MoteError):
