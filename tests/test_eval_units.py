@@ -326,3 +326,31 @@ def test_label_reader_rejects_duplicates_and_bad_labels(tmp_path, monkeypatch, c
     assert "3 rows rejected" in capsys.readouterr().err
     written = [json.loads(line) for line in (tmp_path / "judge.rejects.jsonl").read_text().splitlines()]
     assert [w["row"] for w in written] == [3, 4, 5] and all(w["reason"] for w in written)
+
+
+def test_modes_of_one_mote_model_share_one_answering_job(tmp_path, monkeypatch):
+    """`run@adaptive` and `run@direct` are answered by one job (one engine start), each row in its own
+    mode, and come back to their own spec with their own ids; other specs answer alone."""
+    import mote_ray.eval.responders as responders
+    from mote_ray.eval.responders import ModelSpec, answer_groups, respond_group
+
+    run = tmp_path / "run"
+    (run / "mote").mkdir(parents=True)
+    (run / "base").mkdir()
+    specs = [ModelSpec.parse(f"{run}@adaptive"), ModelSpec.parse("default"), ModelSpec.parse(f"{run}@direct")]
+    groups = answer_groups(specs)
+    assert [[s.label for s in g] for g in groups] == [["run@adaptive", "run@direct"], ["default"]]
+    jobs = []
+
+    def fake_respond(spec, rows, **kw):
+        jobs.append((spec.mode, [(r["id"], r.get("mode")) for r in rows]))
+        return [{**r, "response": f"{r.get('mode')} answer"} for r in rows]
+
+    monkeypatch.setattr(responders, "respond", fake_respond)
+    rows = [{"id": "harmlessness:1", "prompt": "p1"}, {"id": "harmlessness:2", "prompt": "p2"}]
+    adaptive, direct = respond_group(groups[0], [rows, rows[:1]])
+    assert len(jobs) == 1 and jobs[0][0] is None  # one job; the mode travels with each row
+    assert sorted(m for _, m in jobs[0][1]) == ["adaptive", "adaptive", "direct"]
+    assert [r["id"] for r in adaptive] == ["harmlessness:1", "harmlessness:2"] and [r["id"] for r in direct] == ["harmlessness:1"]
+    assert {r["response"] for r in adaptive} == {"adaptive answer"} and direct[0]["response"] == "direct answer"
+    assert all("mode" not in r for r in adaptive + direct)

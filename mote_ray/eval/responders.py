@@ -9,7 +9,7 @@ Model specs on the command line: `PATH_OR_HUB_ID`, `default` (the offline defaul
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -92,10 +92,12 @@ class EvalEngineStage:
 
 
 class MoTEResponder:
-    """Ray Data actor: answers with the trained MoTE model in a fixed mode, every row of a batch at
-    once — on the vLLM MoTE engine where vLLM can load it, else the batched transformers reference."""
+    """Ray Data actor: answers with the trained MoTE model, every row of a batch at once, each in its
+    row's `mode` (or the actor's) — on the vLLM MoTE engine where vLLM can load it, else the batched
+    transformers reference."""
 
-    def __init__(self, model_dir: str, mode: str, limits: dict, engine: str = "auto", threads: int | None = None):
+    def __init__(self, model_dir: str, mode: str | None, limits: dict, engine: str = "auto",
+                 threads: int | None = None):
         import torch
 
         from mote_ray.mote.offline import OfflineMoTE
@@ -108,20 +110,21 @@ class MoTEResponder:
         from mote_ray.mote.chain import DEFAULT_LIMITS, FORCED
 
         rows, todo = batch.to_pylist(), []
-        limits = {**DEFAULT_LIMITS, **self.limits}  # the chain's budgets for the stages this mode can reach
-        stages = FORCED.get(self.mode, list(limits))
-        room = (self.mote.spec.max_len or 1 << 30) - sum(limits[s] for s in stages) - 2 * len(stages)
+        limits = {**DEFAULT_LIMITS, **self.limits}  # the chain's budgets for the stages a mode can reach
         for r in rows:
+            mode = r.get("mode") or self.mode
+            stages = FORCED.get(mode, list(limits))
+            room = (self.mote.spec.max_len or 1 << 30) - sum(limits[s] for s in stages) - 2 * len(stages)
             ids = self.mote.encode_chat(r["prompt"])
             if len(ids) > room:
                 r.update(response=None, stages=[], completion_tokens=None, seconds=0.0,
                          error=f"prompt has {len(ids)} tokens; this model has room for {room} with its stage limits")
             else:
-                todo.append((r, ids))
+                todo.append((r, ids, mode))
         t0 = time.perf_counter()
-        outs = self.mote.generate_many([ids for _, ids in todo], mode=self.mode, limits=self.limits)
+        outs = self.mote.generate_many([ids for _, ids, _ in todo], mode=[m for *_, m in todo], limits=self.limits)
         seconds = (time.perf_counter() - t0) / max(1, len(todo))  # the batch's wall time, shared
-        for (r, _), out in zip(todo, outs):
+        for (r, _, _), out in zip(todo, outs):
             r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
                      seconds=seconds, error=None, engine=self.mote.name)
         record_eval_answered(rows)
@@ -159,6 +162,30 @@ class EndpointResponder:
             rows = list(pool.map(one, batch.to_pylist()))
         record_eval_answered(rows)
         return pa.Table.from_pylist(rows)
+
+
+def answer_groups(specs: list[ModelSpec]) -> list[list[ModelSpec]]:
+    """Specs that one engine can answer together: the modes of one trained MoTE model (the mode is
+    per chain, so `@adaptive` and `@direct` share an engine start); every other spec on its own."""
+    groups: dict = {}
+    for s in specs:
+        key = ("mote", s.target, s.engine) if s.kind == "mote" else ("one", s.label)
+        groups.setdefault(key, []).append(s)
+    return list(groups.values())
+
+
+def respond_group(group: list[ModelSpec], rows: list[list[dict]], **kw) -> list[list[dict]]:
+    """`respond` for one group of `answer_groups`: the rows of each spec -> their answers, per spec."""
+    if len(group) == 1:
+        return [respond(group[0], rows[0], **kw)]
+    tagged = [{**r, "id": f"{i}|{r['id']}", "mode": s.mode} for i, (s, mine) in enumerate(zip(group, rows))
+              for r in mine]
+    answers: list[list[dict]] = [[] for _ in group]
+    for r in respond(replace(group[0], mode=None), tagged, **kw):
+        i, _, r["id"] = r["id"].partition("|")
+        r.pop("mode", None)
+        answers[int(i)].append(r)
+    return answers
 
 
 def respond(spec: ModelSpec, rows: list[dict], *, max_tokens: int = 128, limits: dict | None = None,

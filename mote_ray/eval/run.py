@@ -55,7 +55,7 @@ def _slug(label: str) -> str:
 def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bool = False) -> dict:
     from mote_ray.eval.refusal import RefusalJudge
     from mote_ray.eval.report import write_reports
-    from mote_ray.eval.responders import ModelSpec, respond
+    from mote_ray.eval.responders import ModelSpec, answer_groups, respond_group
     from mote_ray.eval.suites import mostly_failed, score
 
     out = Path(out)
@@ -76,23 +76,28 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bo
         for suite in config.suites:
             rows_by_suite[suite.name], results["suites"][suite.name] = _suite_rows(suite, config.seed, rejects_file)
     llm = _llm_judge(config, api_key)  # after the data checks: a bad file costs no judge engine start
-    for spec in specs:
-        caches = {name: out / "responses" / name / f"{_slug(spec.label)}.jsonl" for name in rows_by_suite}
-        # Cached answers are reused only under the settings that produced them.
+    caches = {s.label: {name: out / "responses" / name / f"{_slug(s.label)}.jsonl" for name in rows_by_suite}
+              for s in specs}
+    todo = {}
+    for spec in specs:  # cached answers are reused only under the settings that produced them
+        mine = caches[spec.label]
         fingerprint.check(out / "responses", _answer_fingerprint(config, spec), restart=restart,
-                          has_output=any(c.is_file() for c in caches.values()), what=f"answers of {spec.label}",
-                          clear=list(caches.values()), file=f"{_slug(spec.label)}.fingerprint.json")
-        todo = [r for name, rows in rows_by_suite.items() if not caches[name].is_file() for r in rows]
-        if todo:
-            t0 = time.perf_counter()
-            answered = respond(spec, todo, max_tokens=config.max_tokens,
-                               limits={**config.stage_max_tokens, "answer": config.max_tokens}, api_key=api_key)
-            print(f"mote-ray eval: {spec.label}: {len(answered)} answers in {time.perf_counter() - t0:.0f}s",
-                  file=sys.stderr)
-            for name in rows_by_suite:
-                if not caches[name].is_file():
-                    _write_jsonl(caches[name], [r for r in answered if r["suite"] == name])
-        for name, cache in caches.items():
+                          has_output=any(c.is_file() for c in mine.values()), what=f"answers of {spec.label}",
+                          clear=list(mine.values()), file=f"{_slug(spec.label)}.fingerprint.json")
+        todo[spec.label] = [r for name, rows in rows_by_suite.items() if not mine[name].is_file() for r in rows]
+    limits = {**config.stage_max_tokens, "answer": config.max_tokens}
+    for group in answer_groups([s for s in specs if todo[s.label]]):  # one engine start per group
+        t0 = time.perf_counter()
+        answers = respond_group(group, [todo[s.label] for s in group], max_tokens=config.max_tokens, limits=limits,
+                                api_key=api_key)
+        print(f"mote-ray eval: {', '.join(s.label for s in group)}: {sum(map(len, answers))} answers in "
+              f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        for spec, answered in zip(group, answers):
+            for name, cache in caches[spec.label].items():
+                if not cache.is_file():
+                    _write_jsonl(cache, [r for r in answered if r["suite"] == name])
+    for spec in specs:
+        for name, cache in caches[spec.label].items():
             answered = [json.loads(line) for line in cache.read_text().splitlines()]
             if llm is not None:
                 llm.parse_failures.clear()
