@@ -127,7 +127,8 @@ def train_loop(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The driver decided (use_gpu): a CPU worker placed on a GPU node still sees CUDA.
+    device = "cuda" if cfg["use_gpu"] else "cpu"
     if device == "cuda":
         torch.cuda.set_device(ctx.get_local_rank())
     host_mmap = return_large_frees_to_os()  # before any model buffer exists

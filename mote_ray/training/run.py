@@ -139,7 +139,7 @@ def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config.model_dump(), "tracking": tracking, "model_path": model_path,
-                           "run_name": f"{out.name}-{name}"},
+                           "run_name": f"{out.name}-{name}", "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker or _cpus_per_worker(
                                          resources, config.workers, use_gpu)}),
