@@ -205,19 +205,12 @@ class _Metrics:
 # ---------------------------------------------------------------- the job
 
 def output_fingerprint(config: GenerateConfig) -> dict:
-    """What determines a chain: the model (its files), the engine actually chosen ("auto" resolves
-    per machine), the templates, sampling and clipping, and the keep policy. Not the pool or batch
-    sizes, which change speed but not output."""
-    from mote_ray.engines import choose_engine
-    from mote_ray.fingerprint import model_identity
-    from mote_ray.models import resolve_model
+    """What determines a chain: the model (its files' content), the engine actually chosen ("auto"
+    resolves per machine), the templates, sampling and clipping, and the keep policy. Not the pool or
+    batch sizes, which change speed but not output."""
+    from mote_ray.fingerprint import engine_identity
 
-    e = config.engine
-    resolved = resolve_model(e.model, e.gguf_file)
-    choice = choose_engine(e, resolved)
-    return {"model": {**model_identity(resolved.path), "gguf_file": resolved.gguf_file},
-            "engine": {"name": choice.name, "device": choice.device, "dtype": e.dtype,
-                       "max_model_len": e.max_model_len, "seed": e.seed},
+    return {**engine_identity(config.engine),
             "templates": config.templates.model_dump(),
             "sampling": {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p,
                          "seed": config.seed},

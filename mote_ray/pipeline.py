@@ -6,10 +6,11 @@
     OUT/            results.json, report.md, report.html + PNGs (the evaluation; resumes per model)
 
 A stage that finished leaves OUT/<stage>.done and is skipped on a rerun. OUT/fingerprint.json records
-what determines the outputs (the config, the base model's files, the prompts, the resolved engine); a
-rerun under a different one is refused, naming what changed, unless `restart` (`--restart`) clears OUT. With no prompts given, the
-prompt sets shipped in mote_ray/data/ are used (harmful requests and benign-but-risky ones, written
-for this project): the first part of each set is generated on, the rest is held out for evaluation.
+what determines the outputs (the config, the base model's and the prompt files' content, the resolved
+engine); a rerun under a different one is refused, naming what changed, unless `restart` (`--restart`)
+clears the pipeline's outputs in OUT. With no prompts given, the prompt sets shipped in mote_ray/data/
+are used (harmful requests and benign-but-risky ones, written for this project): the first part of
+each set is generated on, the rest is held out for evaluation.
 """
 
 from __future__ import annotations
@@ -70,8 +71,6 @@ _OUTPUTS = ("generate", "train", "train-sft", "train-lora-chain", "responses", "
 
 
 def run_pipeline(config: PipelineConfig, out: str | Path, restart: bool = False) -> dict:
-    import hashlib
-
     from mote_ray import fingerprint
     from mote_ray.eval.run import EvalConfig, SuiteConfig, run_eval
     from mote_ray.generation import GenerateConfig, output_fingerprint, run_generate
@@ -85,11 +84,8 @@ def run_pipeline(config: PipelineConfig, out: str | Path, restart: bool = False)
     base = resolve_model(config.model).path  # the offline default is built here, once
     gen_cfg = GenerateConfig(**{**config.generate, "engine": {**config.generate.get("engine", {}),
                                                                 "model": base, "engine": config.engine}})
-    prompt_digest = hashlib.sha1()
-    for f in config.harmful + config.benign:
-        prompt_digest.update(Path(f).read_bytes() if Path(f).is_file() else f.encode())
     fingerprint.check(out, {"config": config.model_dump(exclude={"model"}), "generate": output_fingerprint(gen_cfg),
-                            "prompt_files_sha1": prompt_digest.hexdigest()[:16]},
+                            "prompts": fingerprint.content_identity(config.harmful + config.benign)},
                       has_output=any(out.glob("*.done")), restart=restart, what="the pipeline's output",
                       clear=[out / n for n in _OUTPUTS] + list(out.glob("*.done")) + list(out.glob("*.png")))
 
@@ -125,11 +121,13 @@ def run_pipeline(config: PipelineConfig, out: str | Path, restart: bool = False)
         train_fields["include_flagged"] = True
         print("mote-ray pipeline: offline default model: training on flagged chains too (its self-checks are noise)",
               file=sys.stderr)
+    # restart reaches training too: its checkpoints may live in a storage_path outside OUT.
     train = stage("train", lambda: run_train(TrainConfig(**{**train_fields, "model": base}), out / "generate",
-                                             out / "train"))
+                                             out / "train", restart=restart))
     for method in config.baselines:
         stage(f"train-{method}", lambda m=method: run_train(
-            TrainConfig(**{**train_fields, "model": base, "method": m}), out / "generate", out / f"train-{m}"))
+            TrainConfig(**{**train_fields, "model": base, "method": m}), out / "generate", out / f"train-{m}",
+            restart=restart))
     models = ([f"base={base}"] + [f"{m}={out / f'train-{m}'}" for m in config.baselines]
               + [f"mote-{m}={out / 'train'}@{m}" for m in config.modes])
     ev_cfg = EvalConfig(models=models, engine=config.engine, max_tokens=config.eval_max_tokens, suites=[

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mote_ray.config import EngineConfig, PoolConfig
+from mote_ray.errors import MoteError
 from mote_ray.generation import GenerateConfig, run_generate
 from mote_ray.training.run import TrainConfig, run_train
 
@@ -141,7 +142,8 @@ def test_killed_worker_resumes_from_checkpoint(chains, tiny_model, tmp_path):
 
 def test_whole_run_stop_resumes_and_seeded_runs_are_identical(ray_local, tiny_model, tmp_path):
     """Two runs with one seed give identical losses; a run stopped after 3 steps and started again
-    with the same output continues the same loss history (model, optimizer, scheduler, data position)."""
+    with the same output continues the same loss history (model, optimizer, scheduler, data position);
+    a rerun with a changed recipe is refused, and --restart starts it over."""
     write_format_chains(tmp_path / "chains", 24, question="Question number {i}?")
     base = dict(model=tiny_model, workers=2, batch_size=4, lr=5e-3, checkpoint_every=3, val_share=0.0,
                 schedule="constant", warmup_ratio=0.0, tracking={"mlflow": None}, mote={"r": 4, "p_skip": 0.3})
@@ -151,6 +153,13 @@ def test_whole_run_stop_resumes_and_seeded_runs_are_identical(ray_local, tiny_mo
     resumed = run_train(TrainConfig(**base, max_steps=6), tmp_path / "chains", tmp_path / "b")["history"]
     assert [h["step"] for h in resumed] == list(range(1, 7)) and resumed[:3] == first
     assert [h["loss"] for h in resumed[3:]] == pytest.approx([h["loss"] for h in straight[3:]], rel=1e-6)
+    # A changed recipe is refused, naming the field; --restart discards the checkpoint and starts over.
+    hotter = TrainConfig(**{**base, "lr": 6e-3}, max_steps=3)
+    with pytest.raises(MoteError, match=r"config\.lr: 0\.005 -> 0\.006.*--restart"):
+        run_train(hotter, tmp_path / "chains", tmp_path / "b")
+    fresh = run_train(hotter, tmp_path / "chains", tmp_path / "b", restart=True)["history"]
+    assert [h["step"] for h in fresh] == [1, 2, 3] and fresh[0]["loss"] == first[0]["loss"]  # same start...
+    assert fresh[1]["loss"] != first[1]["loss"]  # ...then the new lr
 
 
 def test_generator_emits_well_formed_stages_after_format_training(format_mote_dir):

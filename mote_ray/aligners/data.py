@@ -8,11 +8,14 @@ failure a reason in OUT/rejects.jsonl (the row also stays in OUT/data with kept=
   - empty or non-text field; a field shorter than `min_chars`
   - template leakage: a field marker, a few-shot answer, or the prompt's headings inside a field
   - the critique finds a fault but y' equals y; or it finds none (opens "Nothing wrong") but y' differs
-Resumable like the generation job (row ids are question hash + criterion); stats per criterion.
+Resumable like the generation job (row ids are question hash + criterion); OUT/fingerprint.json
+records what determines a row (data_fingerprint), and a rerun under another is refused, naming what
+changed, unless `restart` (`--restart`) discards the old rows. Stats per criterion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -128,16 +131,16 @@ class CritiqueStage:
         return False
 
 
-def run_aligner_data(config: AlignerDataConfig, prompts: list[str], out: str | Path, limit: int | None = None) -> dict:
-    import ray
-
+def run_aligner_data(config: AlignerDataConfig, prompts: list[str], out: str | Path, limit: int | None = None,
+                     restart: bool = False) -> dict:
+    from mote_ray import fingerprint
     from mote_ray.aligners.criteria import get_criteria
-    from mote_ray.cluster import init_ray
-    from mote_ray.engine_stage import map_engine
-    from mote_ray.generation import write_atomic
     from mote_ray.inputs import read_prompts
 
     out = Path(out)
+    started = bool(list((out / "data").glob("part-*.parquet"))) or (out / "topic_questions.jsonl").is_file()
+    fingerprint.check(out, data_fingerprint(config), has_output=started, restart=restart, what="aligner data",
+                      clear=[out / n for n in _OUTPUTS])
     (out / "data").mkdir(parents=True, exist_ok=True)
     criteria = get_criteria(config.criteria)
     rows, rejects = read_prompts(prompts) if prompts else ([], [])
@@ -150,11 +153,7 @@ def run_aligner_data(config: AlignerDataConfig, prompts: list[str], out: str | P
     print(f"mote-ray: {len(rows)} questions x {len(criteria)} criteria; {len(done)} rows done earlier, "
           f"{len(todo)} to generate", flush=True)
     if todo:
-        init_ray()
-        ds = map_engine(ray.data.from_items(todo), config.engine, config.pool, stage=CritiqueStage,
-                        stage_kwargs={"config": config.model_dump()})
-        for batch in ds.iter_batches(batch_size=config.pool.batch_size, batch_format="pyarrow"):
-            write_atomic(batch.cast(SCHEMA), out / "data")  # a killed job keeps every finished batch
+        _generate(config, todo, out)
     table = read_data(out)
     with open(out / "rejects.jsonl", "w") as f:
         for r in rejects:
@@ -164,6 +163,37 @@ def run_aligner_data(config: AlignerDataConfig, prompts: list[str], out: str | P
     stats = data_stats(table, len(rejects))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+# What the job writes into OUT, removed by `restart`.
+_OUTPUTS = ("data", "rejects.jsonl", "stats.json", "topic_questions.jsonl")
+
+
+def data_fingerprint(config: AlignerDataConfig) -> dict:
+    """What determines a row: the engine (fingerprint.engine_identity), each criterion's principles
+    and examples, budgets, sampling, the cleaning threshold, and the topics questions are written
+    from. Not the pool, nor the prompts: rows are keyed by question, so more prompts resume."""
+    from mote_ray.aligners.criteria import get_criteria
+    from mote_ray.fingerprint import engine_identity
+
+    return {**engine_identity(config.engine),
+            "criteria": {c.name: dataclasses.asdict(c) for c in get_criteria(config.criteria)},
+            **config.model_dump(exclude={"engine", "pool", "criteria"})}
+
+
+def _generate(config: AlignerDataConfig, todo: list[dict], out: Path) -> None:
+    """The rows of `todo` through CritiqueStage actors, each batch written as it comes."""
+    import ray
+
+    from mote_ray.cluster import init_ray
+    from mote_ray.engine_stage import map_engine
+    from mote_ray.generation import write_atomic
+
+    init_ray()
+    ds = map_engine(ray.data.from_items(todo), config.engine, config.pool, stage=CritiqueStage,
+                    stage_kwargs={"config": config.model_dump()})
+    for batch in ds.iter_batches(batch_size=config.pool.batch_size, batch_format="pyarrow"):
+        write_atomic(batch.cast(SCHEMA), out / "data")  # a killed job keeps every finished batch
 
 
 def topic_questions(config: AlignerDataConfig, out: Path) -> list:

@@ -11,8 +11,8 @@ from pydantic_settings import CliImplicitFlag, CliSubCommand, CliVariadicArg
 
 from mote_ray.aligners.data import AlignerDataConfig
 from mote_ray.aligners.train import AlignerTrainConfig
-from mote_ray.commands.base import (ADDRESS_HELP, ENGINE_HELP, Command, EngineChoice, config_flags, engine_flags,
-                                    extend, set_field, with_config_flags)
+from mote_ray.commands.base import (ADDRESS_HELP, ENGINE_HELP, RESTART_HELP, Command, EngineChoice, config_flags,
+                                    engine_flags, extend, set_field, with_config_flags)
 from mote_ray.commands.shared import bind_policy, run_app
 from mote_ray.errors import MoteError
 
@@ -30,6 +30,7 @@ class _Data(Command):
     limit: int | None = Field(None, ge=1, description="first N questions")
     set: list[str] = set_field("AlignerDataConfig", "max_tokens.draft=64", has_config=False)
     out: str
+    restart: CliImplicitFlag[bool] = Field(False, description=RESTART_HELP)
 
     def run(self) -> int:
         from mote_ray.aligners.data import run_aligner_data
@@ -41,7 +42,8 @@ class _Data(Command):
             lists["criteria"] = [c.strip() for c in self.criteria.split(",") if c.strip()]
         if self.topics is not None:
             lists["topics"] = [t.strip() for t in self.topics.split(",") if t.strip()]
-        stats = run_aligner_data(self.layers(AlignerDataConfig, **lists), self.prompts, self.out, self.limit)
+        stats = run_aligner_data(self.layers(AlignerDataConfig, **lists), self.prompts, self.out, self.limit,
+                                 restart=self.restart)
         print(json.dumps(stats, indent=2))
         print(f"mote-ray: rows in {self.out}/data, rejects in {self.out}/rejects.jsonl", file=sys.stderr)
         return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 from pydantic import Field
+from pydantic_settings import CliImplicitFlag
 
-from mote_ray.commands.base import ADDRESS_HELP, Command, set_field, with_config_flags
+from mote_ray.commands.base import ADDRESS_HELP, RESTART_HELP, Command, set_field, with_config_flags
 from mote_ray.training.run import TrainConfig
 
 
@@ -20,12 +21,13 @@ class _Train(Command):
     config: str | None = Field(None, description="YAML TrainConfig (see jobs/configs/train.yaml)")
     set: list[str] = set_field("TrainConfig", "mote.r=8")
     address: str | None = Field(None, description=ADDRESS_HELP)
+    restart: CliImplicitFlag[bool] = Field(False, description=RESTART_HELP)
 
     def run(self) -> int:
         from mote_ray.training.run import run_train
 
         config = self.layers(TrainConfig)
-        metrics = run_train(config, self.chains, self.out, address=self.address)
+        metrics = run_train(config, self.chains, self.out, address=self.address, restart=self.restart)
         print(json.dumps({k: metrics[k] for k in ("method", "steps", "chains", "first", "last", "adapters")}, indent=2))
         return 0
 

@@ -141,14 +141,20 @@ class EvalMostlyFailed(MoteError):
 
 
 def _answer_fingerprint(config: EvalConfig, spec) -> dict:
-    from mote_ray.fingerprint import model_identity
+    """What determines a model's cached answers: the model (a local one by its files' content), the
+    answering settings, and each suite's prompts (their files' content too)."""
+    from mote_ray.fingerprint import content_identity, model_identity
 
+    model = dict(spec.__dict__)
     local = Path(spec.target) if spec.kind != "endpoint" and spec.target else None
-    return {"model": {**spec.__dict__, **({"files": model_identity(str(local))} if local and local.is_dir() else {})},
+    if local and local.exists():  # by content, not location: a moved copy keeps its answers
+        model.update(target=None, **model_identity(str(local)))
+    fields = {"data", "format", "column", "limit", "keep_label", "templates", "templates_per_prompt"}
+    return {"model": model,
             "engine": config.engine, "max_tokens": config.max_tokens, "stage_max_tokens": config.stage_max_tokens,
             "seed": config.seed,
-            "suites": {s.name: s.model_dump(include={"data", "format", "column", "limit", "keep_label", "templates",
-                                                     "templates_per_prompt"}) for s in config.suites}}
+            "suites": {s.name: {**s.model_dump(include=fields), "content": content_identity(s.data + s.templates)}
+                       for s in config.suites}}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,7 +1,10 @@
 """`mote-ray train`: chains Parquet -> Ray Train (TorchTrainer, FSDP2) -> PEFT adapters per stage.
 
 OUT/checkpoint/   Ray Train run (resumable: rerun with the same OUT, or let FailureConfig restart);
-                  sharded DCP checkpoints, see training/loop.py
+                  sharded DCP checkpoints, see training/loop.py. With storage_path: there, as
+                  checkpoint-<hash of OUT>
+OUT/fingerprint.json  what determines the trained weights (train_fingerprint); a rerun under another
+                  is refused, naming what changed, unless `restart` (`--restart`) discards the run
 OUT/mlruns/       MLflow file store (tracking.mlflow: default), `mlflow ui --backend-store-uri OUT/mlruns`
 OUT/base/         base model with the stage tokens (resized embeddings, trained rows) + tokenizer
 OUT/tokenizer/    the tokenizer with the stage tokens
@@ -12,6 +15,7 @@ OUT/train_metrics.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -65,7 +69,18 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
 
-def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address: str | None = None) -> dict:
+# TrainConfig fields that change how a run goes, not the weights it trains: they may change on a
+# resume. Every other field, a new one too, is in the fingerprint. `model` and `use_gpu` enter it
+# resolved (the model's content, the device actually used).
+RUN_ONLY = frozenset({"model", "use_gpu", "cpus_per_worker", "activation_checkpointing", "cpu_offload", "eval_every",
+                      "tracking", "checkpoint_every", "storage_path", "keep_checkpoints", "max_failures", "log_every"})
+# What a run writes into OUT, removed by `restart` with the Ray Train run (mlruns/ keeps its history).
+_OUTPUTS = ("base", "tokenizer", "adapters", "mote", "vllm", "train_metrics.json")
+
+
+def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address: str | None = None,
+              restart: bool = False) -> dict:
+    """Train on the chains in `chains` into `out`, resuming its run if one is there (same fingerprint)."""
     from mote_ray.cluster import init_ray
     from mote_ray.models import resolve_model
     from mote_ray.training.data import flag_warning
@@ -80,6 +95,7 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
         config = config.model_copy(update={"mote": config.mote.model_copy(update={"n_experts": 0})})
     resources = init_ray(address)
     use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) >= config.workers
+    guard_resume(config, out, train_fingerprint(config, model_path, files, use_gpu), restart)
     usable, dropped, flagged = count_usable(files, config.include_flagged)
     if warning := flag_warning(flagged):
         print(f"\n{'!' * 100}\nmote-ray train: {warning}\n{'!' * 100}\n", flush=True)
@@ -93,6 +109,45 @@ def run_train(config: TrainConfig, chains: str | Path, out: str | Path, address:
     if result.checkpoint is None:
         raise MoteError(f"training finished without a checkpoint ({result.error})")
     return export_run(config, model_path, result.checkpoint, out, usable)
+
+
+def train_fingerprint(config: TrainConfig, model_path: str, files: list[Path], use_gpu: bool) -> dict:
+    """What determines the trained weights: the base model's and the chains' content, the device,
+    and every TrainConfig field but RUN_ONLY."""
+    from mote_ray.fingerprint import content_identity, model_identity
+
+    fields = config.model_dump(mode="json", exclude=set(RUN_ONLY))
+    if config.schedule == "constant" and config.warmup_ratio == 0:
+        # No step's lr depends on the run's length then, so a stopped run may go on for longer.
+        del fields["max_steps"], fields["epochs"]
+    return {"model": model_identity(model_path), "chains": content_identity(files), "use_gpu": use_gpu,
+            "config": fields}
+
+
+def guard_resume(config: TrainConfig, out: Path, fp: dict, restart: bool) -> None:
+    """fingerprint.check on OUT, where the Ray Train run (local or remote) counts as output and
+    `restart` removes it."""
+    import pyarrow.fs as pafs
+
+    from mote_ray import fingerprint
+
+    storage, name = run_location(config, out)
+    fs, root = (pafs.FileSystem.from_uri(storage) if "://" in storage
+                else (pafs.LocalFileSystem(), str(Path(storage).resolve())))
+    run = f"{root.rstrip('/')}/{name}"
+    started = fs.get_file_info(run).type != pafs.FileType.NotFound
+    if restart and started:
+        fs.delete_dir(run)
+    fingerprint.check(out, fp, has_output=started or (out / "train_metrics.json").is_file(), restart=restart,
+                      what="the training run", clear=[out / n for n in _OUTPUTS])
+
+
+def run_location(config: TrainConfig, out: Path, name: str = "checkpoint") -> tuple[str, str]:
+    """(storage_path, run name) of the Ray Train run: OUT/<name>, or <name>-<hash of OUT> in a
+    storage_path, which runs into other OUTs may share (they would restore each other's checkpoints)."""
+    if not config.storage_path:
+        return str(out), name
+    return config.storage_path, f"{name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
 
 
 def count_usable(files: list[Path], include_flagged: bool) -> tuple[int, dict, dict]:
@@ -136,6 +191,7 @@ def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_
     # read before workers take CPUs
     ds = ray.data.read_parquet([str(f) for f in files], columns=[c for c in cols if c in names]).materialize()
     tracking = {**config.tracking.model_dump(), "mlflow": resolve_mlflow_uri(config.tracking.mlflow, out)}
+    storage, run_name = run_location(config, out, name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={**config.model_dump(), "tracking": tracking, "model_path": model_path,
@@ -143,7 +199,7 @@ def fit(config: TrainConfig, files: list[Path], out: Path, model_path: str, use_
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker or _cpus_per_worker(
                                          resources, config.workers, use_gpu)}),
-        run_config=RunConfig(name=name, storage_path=config.storage_path or str(out),
+        run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": ds},
