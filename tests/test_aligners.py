@@ -226,7 +226,7 @@ def test_squad_apply_job_and_proxy_with_the_openai_client(squad_dir, format_mote
 
     ray.shutdown()  # the servers below start their own
     copy_model(format_mote_dir, tmp_path / "up")  # the upstream: the session's tiny MoTE model
-    with LocalServer(["--model", str(tmp_path / "up"), "--replicas", "1"]) as up, \
+    with LocalServer(["--model", str(tmp_path / "up"), "--replicas", "1", "--no-compile"]) as up, \
             LocalServer(["--squad", str(d / "squad"), "--upstream", up.base_url + "/v1"], command=("aligners", "serve")) as px:
         client = OpenAI(base_url=px.base_url + "/v1", api_key="none", max_retries=0)
         name = client.models.list().data[0].id  # proxied from upstream

@@ -247,7 +247,8 @@ def test_killed_expert_replica_gives_clean_503s_and_comes_back(trained):
 
     body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "Question 1?"}],
                        "mote": {"stage_max_tokens": {"analysis": 24, "guidance": 24, "answer": 24}}}).encode()
-    with LocalServer(["--model", str(trained), "--replicas", "2", "--expert-cpus", "0.5"]) as srv:
+    # Eager: this is about a replica's death and replacement (the compiled model is tested above).
+    with LocalServer(["--model", str(trained), "--replicas", "2", "--expert-cpus", "0.5", "--no-compile"]) as srv:
         before = srv.session_pids("ServeReplica:mote:ExactExpert")
         assert len(before) == 2, srv.output()[-2000:]
         statuses, lock = [], threading.Lock()
