@@ -2,6 +2,8 @@
 same validated config in one way, with the stated precedence (defaults < --config < flags < --set).
 Parsing only: nothing here starts Ray or an engine."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -184,3 +186,94 @@ def test_help_is_readable_for_every_command(capsys):
 def test_engine_flags_build_the_engine_config():
     cmd = parse(["info", "--model", "M", "--engine", "transformers", "--max-model-len", "256"])
     assert cmd.layers(EngineConfig) == EngineConfig(model="M", engine="transformers", max_model_len=256)
+
+
+# `mote-ray serve`: its flags are ServeConfig's fields, the `args:` of serve/config.yaml.
+SERVE_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+# A non-default value for every ServeConfig field a flag sets, with that flag (a new field must be added here).
+SERVE_FIELDS = {"path": ("lora", ["--path", "lora"]), "engine": ("vllm", ["--engine", "vllm"]),
+                "compile": (False, ["--no-compile"]), "replicas": (2, ["--replicas", "2"]),
+                "expert_cpus": (0.5, ["--expert-cpus", "0.5"]), "api_key_env": ("K", ["--api-key-env", "K"]),
+                "api_keys_file": ("/k", ["--api-keys-file", "/k"]), "insecure": (True, ["--insecure"]),
+                "max_prompt_tokens": (100, ["--max-prompt-tokens", "100"]), "timeout_s": (60, ["--timeout", "60"]),
+                "max_inflight": (8, ["--max-inflight", "8"]), "name": ("m", ["--name", "m"])}
+
+
+def test_serve_flags_are_generated_from_serve_config(capsys):
+    """`--help` of both Serve commands lists their config's fields as flags (and only these, plus the
+    command's own --port, --host, --address), with the config's descriptions and defaults."""
+    import re
+
+    from mote_ray.serving.config import ProxyConfig, ServeConfig
+
+    for argv, cls in [(["serve"], ServeConfig), (["aligners", "serve"], ProxyConfig)]:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        out = capsys.readouterr().out
+        usage = out.split("\n\n")[0]
+        fields = {"--timeout" if n == "timeout_s" else f"--{n.replace('_', '-')}" for n in cls.model_fields
+                  if n != "loopback_only"}  # --host decides loopback_only
+        flags = {f for f in re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage) if not f.startswith("--no-")}
+        assert flags == fields | {"--port", "--host", "--address"}, argv
+        letters = re.sub(r"\W", "", out)  # argparse wraps lines, breaking words at hyphens
+        for name, field in cls.model_fields.items():
+            if name != "loopback_only":
+                assert re.sub(r"\W", "", field.description) in letters, name
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(then 429) (default: 64)" in out and "aborted after it (default: 120.0)" in out
+    assert "--compile, --no-compile" in out and "--model MODEL a `mote-ray train` output directory (required)" in out
+
+
+@pytest.mark.parametrize("field", sorted(SERVE_FIELDS))
+def test_serve_flag_and_yaml_arg_give_the_same_serve_config(field):
+    from mote_ray.serving.config import ServeConfig
+
+    value, flags = SERVE_FIELDS[field]
+    by_flag = parse(["serve", "--model", "runs/mote", *flags]).layers(ServeConfig)
+    by_yaml = ServeConfig.model_validate({"model": "runs/mote", field: value})
+    assert by_flag == by_yaml and by_flag != ServeConfig(model="runs/mote")
+
+
+def test_every_serve_config_field_is_a_flag_or_set_by_host():
+    from mote_ray.serving.config import ServeConfig
+
+    assert set(ServeConfig.model_fields) == {"model", "loopback_only", *SERVE_FIELDS}
+
+
+def test_shipped_serve_yaml_and_its_command_line_give_the_same_serve_config(capsys):
+    """serve/config.yaml's args and the `mote-ray serve` line that says the same (its 0.0.0.0 included)."""
+    from mote_ray.config import load_yaml
+    from mote_ray.serving.config import ServeConfig
+
+    args = load_yaml(SERVE_YAML)["applications"][0]["args"]
+    cmd = parse(["serve", "--host", "0.0.0.0", "--model", "runs/mote", "--path", "exact", "--engine", "auto",
+                 "--compile", "--api-key-env", "MOTE_API_KEY", "--no-insecure", "--max-prompt-tokens", "384",
+                 "--timeout", "120", "--max-inflight", "64"])
+    assert cmd.serve_config() == ServeConfig.model_validate(args)
+    # Without a key on loopback, the command sets what the YAML (listening on 0.0.0.0) cannot.
+    local = parse(["serve", "--model", "runs/mote"]).serve_config()
+    assert local == ServeConfig(model="runs/mote", loopback_only=True)
+    assert "listening on loopback only" in capsys.readouterr().err
+
+
+def test_aligners_serve_flags_give_the_proxy_config():
+    from mote_ray.serving.config import ProxyConfig
+
+    cmd = parse(["aligners", "serve", "--squad", "s", "--upstream", "http://u/v1", "--timeout", "5", "--engine",
+                 "vllm", "--upstream-key-env", "U"])
+    assert cmd.layers(ProxyConfig) == ProxyConfig(squad="s", upstream="http://u/v1", timeout_s=5, engine="vllm",
+                                                  upstream_key_env="U")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--max-inflight", "lots"], "--max-inflight (max_inflight): Input should be a valid integer"),
+    (["--timeout", "0"], "timeout_s: Input should be greater than 0 (got 0.0)"),
+    (["--replicas", "0"], "replicas: Input should be greater than or equal to 1 (got 0)"),
+    (["--path", "fast"], "--path (path): Input should be 'exact' or 'lora' (got 'fast')"),
+])
+def test_serve_bad_flag_values_exit_2_naming_the_field(argv, needle, capsys):
+    assert main(["serve", "--model", "runs/mote", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err

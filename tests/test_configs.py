@@ -34,15 +34,46 @@ def _assert_carries(given, got, where="config"):
         assert got == given, where
 
 
+SERVE_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+
+
 def test_serve_config_is_a_valid_serve_deploy_config():
     from ray.serve.schema import ServeDeploySchema
 
-    data = load_yaml(Path(__file__).resolve().parents[1] / "serve" / "config.yaml")
+    from mote_ray.serving.config import ServeConfig
+
+    data = load_yaml(SERVE_YAML)
     schema = ServeDeploySchema(**data)
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app" and app.args["path"] in ("exact", "lora")
     assert {d.name for d in app.deployments} <= {"Router", "ExactExpert", "LoraExpert"}
     assert all(d.autoscaling_config for d in app.deployments)
+    # Its args: are a ServeConfig, every value carried (none dropped or defaulted over).
+    _assert_carries(app.args, ServeConfig.model_validate(app.args).model_dump(), "args")
+
+
+@pytest.mark.parametrize("change,field,needle", [
+    ({"timeout": 60}, "timeout", "Extra inputs are not permitted"),  # timeout_s misspelt: once silently ignored
+    ({"max_inflight": "lots"}, "max_inflight", "valid integer"),  # once a crash at the first request
+    ({"timeout_s": 0}, "timeout_s", "greater than 0"),
+    ({"path": "fast"}, "path", "the multi-LoRA path is now `lora`"),
+    ({"model": None}, "model", "valid string"),
+])
+def test_serve_app_refuses_a_typo_or_bad_arg_at_build_naming_it(change, field, needle):
+    """`serve run serve/config.yaml` with one arg wrong: the build fails on it, before any model is
+    read, both where Serve validates `args` into build_app's ServeConfig and where a caller passes a dict."""
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what serve run calls
+
+    from serve.app import build_app
+
+    args = {**load_yaml(SERVE_YAML)["applications"][0]["args"], **change}
+    for call in (lambda: call_user_app_builder_with_args_if_necessary(build_app, args), lambda: build_app(args)):
+        with pytest.raises(ValidationError) as e:
+            call()
+        (err,) = e.value.errors()
+        assert err["loc"] == (field,) and needle in err["msg"] and err["input"] == change[field]
+        assert f"input_value={change[field]!r}" in str(e.value)  # the message shows the bad value
 
 
 def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers():

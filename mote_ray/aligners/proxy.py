@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from mote_ray.serving.api import ApiError, KeyRing, request_schema
+from mote_ray.serving.config import ProxyConfig
 
 app = FastAPI(title="mote-ray squad proxy")
 
@@ -185,19 +186,19 @@ class SquadProxy:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def build_proxy(args: dict):
+def build_proxy(config: ProxyConfig | dict):
+    """The squad proxy app for `config` (a dict is validated into a ProxyConfig, naming a bad field)."""
     from pathlib import Path
 
     from mote_ray.errors import MoteError
-
-    squad = Path(args["squad"]).resolve()
-    if not (squad / "squad.json").is_file():
-        raise MoteError(f"{args['squad']} is not a squad directory (no squad.json)")
     from mote_ray.serving.deployments import auth_from_args
 
-    auth = auth_from_args({k: args.get(k) for k in ("api_key_env", "insecure", "loopback_only")})
-    key_env = args.get("upstream_key_env")
+    config = ProxyConfig.model_validate(config)
+    squad = Path(config.squad).resolve()
+    if not (squad / "squad.json").is_file():
+        raise MoteError(f"{config.squad} is not a squad directory (no squad.json)")
+    auth = auth_from_args(config.model_dump())
+    key_env = config.upstream_key_env
     if key_env and not os.environ.get(key_env):  # else every request would go upstream without a key, silently
         raise MoteError(f"--upstream-key-env {key_env}: ${key_env} is not set (or empty)")
-    return SquadProxy.bind(str(squad), args["upstream"], args.get("engine") or "transformers", args.get("upstream_key_env"),
-                           float(args.get("timeout_s", 120)), auth)
+    return SquadProxy.bind(str(squad), config.upstream, config.engine, key_env, config.timeout_s, auth)

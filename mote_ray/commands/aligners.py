@@ -7,14 +7,15 @@ import sys
 from typing import ClassVar
 
 from pydantic import Field
-from pydantic_settings import CliImplicitFlag, CliSubCommand, CliVariadicArg
+from pydantic_settings import CliSubCommand, CliVariadicArg
 
 from mote_ray.aligners.data import AlignerDataConfig
 from mote_ray.aligners.train import AlignerTrainConfig
-from mote_ray.commands.base import (ADDRESS_HELP, ENGINE_HELP, RESTART_HELP, Command, EngineChoice, config_flags,
-                                    engine_flags, extend, set_field, with_config_flags)
+from mote_ray.commands.base import (ADDRESS_HELP, ENGINE_HELP, RESTART_HELP, Command, EngineChoice, app_flags,
+                                    config_flags, engine_flags, extend, set_field, with_config_flags)
 from mote_ray.commands.shared import bind_policy, run_app
 from mote_ray.errors import MoteError
+from mote_ray.serving.config import ProxyConfig
 
 _ONE_ENGINE = ("engine of every aligner (default transformers: one vLLM engine per aligner would each reserve "
                "memory)")
@@ -89,29 +90,21 @@ class Apply(Command):
         return 0
 
 
-class AlignersServe(Command):
+class _AlignersServe(Command):
     """An OpenAI-compatible proxy: upstream answers, aligned by the squad."""
 
-    squad: str
-    upstream: str = Field(description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    upstream_key_env: str | None = Field(None, description="env var with the upstream's bearer key (sent only "
-                                                           "upstream; a caller's key is never forwarded)")
-    api_key_env: str | None = Field(None, description="require 'Authorization: Bearer <key>' from callers, the key "
-                                                      "from this env var")
-    insecure: CliImplicitFlag[bool] = Field(False, description="serve without a key on --host beyond loopback")
-    engine: EngineChoice = Field("transformers", description=_ONE_ENGINE)
     port: int = 8100
     host: str = "127.0.0.1"
-    timeout: float = Field(120.0, gt=0)
     address: str | None = Field(None, description=ADDRESS_HELP)
 
     def run(self) -> int:
         from mote_ray.aligners.proxy import build_proxy
 
-        app = build_proxy({"squad": self.squad, "upstream": self.upstream, "engine": self.engine,
-                           "upstream_key_env": self.upstream_key_env, "api_key_env": self.api_key_env,
-                           **bind_policy(self), "timeout_s": self.timeout})
+        app = build_proxy(self.layers(ProxyConfig, **bind_policy(self)))
         return run_app(app, self, f"squad proxy in front of {self.upstream}")
+
+
+AlignersServe = extend(_AlignersServe, app_flags(ProxyConfig))
 
 
 class Aligners(Command):
@@ -121,4 +114,4 @@ class Aligners(Command):
     data: CliSubCommand[Data] = Field(description=_Data.__doc__.rstrip("."))
     train: CliSubCommand[Train] = Field(description=_Train.__doc__.rstrip("."))
     apply: CliSubCommand[Apply] = Field(description=Apply.__doc__.rstrip("."))
-    serve: CliSubCommand[AlignersServe] = Field(description=AlignersServe.__doc__.rstrip("."))
+    serve: CliSubCommand[AlignersServe] = Field(description=_AlignersServe.__doc__.rstrip("."))

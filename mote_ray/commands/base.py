@@ -70,10 +70,12 @@ def _field_at(config_cls: type[BaseModel], path: str) -> FieldInfo:
 
 
 def config_flags(config_cls: type[BaseModel], paths: dict[str, str] | None = None, help: dict[str, str] | None = None,
-                 skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                 skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
+                 from_file: bool = True) -> dict[str, Any]:
     """Flag fields for `config_cls`: `paths` maps flag name -> dotted config path; without it every
     scalar top-level field (str, int, float, bool, Literal; nested models stay reachable by --set).
-    `defaults`: this command's default for a flag where it differs from the config's."""
+    `defaults`: this command's default for a flag where it differs from the config's. `from_file=False`
+    (a command without --config / --set): a required config field is a required flag."""
     if paths is None:
         paths = {n: n for n, f in config_cls.model_fields.items() if n not in skip and _scalar(f.annotation)}
     help, defaults = help or {}, defaults or {}
@@ -91,12 +93,23 @@ def config_flags(config_cls: type[BaseModel], paths: dict[str, str] | None = Non
         else:
             default = target.get_default(call_default_factory=True)
         text = help.get(name) or target.description or ""
+        if target.is_required() and name not in defaults and not from_file:
+            out[name] = (target.annotation, Field(description=text or None, json_schema_extra=extra))
+            continue
         if target.is_required() and name not in defaults:
             text = f"{text} (required: here, in --config or by --set)".strip()
         elif default is not None and not isinstance(default, BaseModel):
             text = f"{text} (default: {default})".strip()
         out[name] = (annotation, Field(None, description=text or None, json_schema_extra=extra))
     return out
+
+
+def app_flags(config_cls: type[BaseModel]) -> dict[str, Any]:
+    """The flags of a Serve app's config (ServeConfig, ProxyConfig): every field under its own name,
+    required ones required, but `loopback_only` (no flag: --host decides it, see shared.bind_policy) and
+    `timeout_s`, which is `--timeout` (the flag's name before these configs existed)."""
+    paths = {"timeout" if n == "timeout_s" else n: n for n in config_cls.model_fields if n != "loopback_only"}
+    return config_flags(config_cls, paths, from_file=False)
 
 
 def with_config_flags(base: type[Command], config_cls: type[BaseModel], **kwargs: Any) -> type[Command]:

@@ -24,6 +24,7 @@ from ray import serve
 from mote_ray.serving.api import (MAX_BODY_BYTES, ApiError, ChatRequest, KeyRing, chunk, completion, error_event,
                                   messages_for_template, mote_field, parse_request, request_schema, stop_safe_len,
                                   usage)
+from mote_ray.serving.config import ServeConfig
 from mote_ray.serving.experts import ExactExpert, LoraExpert
 
 log = logging.getLogger("ray.serve")  # the logger Serve replicas write to their log files and the driver
@@ -318,9 +319,9 @@ class Router:
         log.info(json.dumps(entry))
 
 
-def build(args: dict):
-    """The Serve application for `args` = {model, path, engine, compile, replicas, expert_cpus, api_key_env,
-    api_keys_file, insecure, max_prompt_tokens, timeout_s, max_inflight, name}.
+def build(config: ServeConfig | dict):
+    """The Serve application for `config` (a dict is validated into a ServeConfig: an unknown key or a bad
+    value is refused here, naming the field).
 
     Without a key (api_key_env / api_keys_file) the app refuses to build unless `insecure: true` or the
     caller binds it to loopback only (`loopback_only: true`, what `mote-ray serve` passes)."""
@@ -328,31 +329,27 @@ def build(args: dict):
 
     from mote_ray.errors import MoteError
 
-    model_dir = str(Path(args["model"]).resolve())
+    config = ServeConfig.model_validate(config)
+    model_dir = str(Path(config.model).resolve())
     if not (Path(model_dir) / "mote").is_dir() or not (Path(model_dir) / "base").is_dir():
-        raise MoteError(f"{args['model']} is not a `mote-ray train` output (needs mote/ and base/)")
-    auth = auth_from_args(args)
-    path, engine = args.get("path", "exact"), args.get("engine") or "auto"
-    if path not in ("exact", "lora"):
-        hint = " (the multi-LoRA path is now `lora`; `exact` is the fast one)" if path == "fast" else ""
-        raise MoteError(f"path must be 'exact' or 'lora', got {path!r}{hint}")
-    if path == "exact":  # vLLM's MoTE model where it can load it, else the batched reference
+        raise MoteError(f"{config.model} is not a `mote-ray train` output (needs mote/ and base/)")
+    auth = auth_from_args(config.model_dump())
+    if config.path == "exact":  # vLLM's MoTE model where it can load it, else the batched reference
         from mote_ray.mote.engine import pick_engine
 
-        pick_engine(model_dir, engine)  # fails here, with the reason, for --engine vllm where vLLM cannot run
-        deployment, init = ExactExpert, (model_dir, engine, 32, bool(args.get("compile", True)))
+        pick_engine(model_dir, config.engine)  # fails here, with the reason, for --engine vllm where vLLM cannot run
+        deployment, init = ExactExpert, (model_dir, config.engine, 32, config.compile)
     else:
         if not (Path(model_dir) / "adapters").is_dir():
-            raise MoteError(f"{args['model']} has no adapters/ (the lora path serves the exported per-stage adapters)")
-        deployment, init = LoraExpert, (model_dir, engine)
-    if replicas := args.get("replicas"):  # a fixed count instead of autoscaling
-        deployment = deployment.options(num_replicas=int(replicas), autoscaling_config=None)
-    if cpus := args.get("expert_cpus"):  # e.g. 0.5 to fit two replicas and the router on 2 CPUs
-        deployment = deployment.options(ray_actor_options={"num_cpus": float(cpus)})
+            raise MoteError(f"{config.model} has no adapters/ (the lora path serves the exported per-stage adapters)")
+        deployment, init = LoraExpert, (model_dir, config.engine)
+    if config.replicas:  # a fixed count instead of autoscaling
+        deployment = deployment.options(num_replicas=config.replicas, autoscaling_config=None)
+    if config.expert_cpus:  # e.g. 0.5 to fit two replicas and the router on 2 CPUs
+        deployment = deployment.options(ray_actor_options={"num_cpus": config.expert_cpus})
     expert = deployment.bind(*init)
-    return Router.bind(expert, model_dir, args.get("name") or Path(model_dir).name, auth,
-                       int(args.get("max_prompt_tokens", 384)), float(args.get("timeout_s", 120)),
-                       int(args.get("max_inflight", 64)))
+    return Router.bind(expert, model_dir, config.name or Path(model_dir).name, auth, config.max_prompt_tokens,
+                       config.timeout_s, config.max_inflight)
 
 
 def auth_from_args(args: dict) -> dict | None:

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """with LocalServer(["--model", DIR, "--path", "fast"]) as srv: srv.base_url -> http://127.0.0.1:PORT
+    """with LocalServer(["--model", DIR, "--path", "lora"]) as srv: srv.base_url -> http://127.0.0.1:PORT
     (`command=("aligners", "serve")` for the squad proxy)."""
 
     def __init__(self, serve_args: list[str], env: dict | None = None, ready_timeout: float = 240.0,
