@@ -7,7 +7,7 @@ import sys
 from typing import ClassVar
 
 from pydantic import Field
-from pydantic_settings import CliSubCommand, CliVariadicArg
+from pydantic_settings import CliImplicitFlag, CliSubCommand, CliVariadicArg
 
 from mote_ray.aligners.data import AlignerDataConfig
 from mote_ray.aligners.train import AlignerTrainConfig
