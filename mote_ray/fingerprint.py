@@ -16,6 +16,10 @@ from typing import Any
 from mote_ray.errors import MoteError
 
 FILE = "fingerprint.json"
+# Raised whenever what a fingerprint records changes shape (v2: models by content, per-request seeds),
+# so an older output is named as such instead of diffed field by field against the new layout.
+FORMAT = 2
+SEEDS = "request_seed/v1"  # how per-request seeds derive from a run's seed (records.request_seed)
 
 
 # Content identity without reading multi-GB checkpoints. Files up to WHOLE_BYTES (config, tokenizer,
@@ -139,7 +143,8 @@ def check(folder: Path, fingerprint: dict, *, has_output: bool, restart: bool, w
     (the job's outputs) first. Writes the fingerprint when the folder is (now) fresh or equal."""
     f = folder / file
     f.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # the form it takes on disk
+    # the form it takes on disk, with the format: one written by another format cannot be compared
+    fingerprint = {"format": FORMAT, **json.loads(json.dumps(fingerprint, default=str))}
     if restart:
         for p in clear or []:
             if p.is_dir():
@@ -149,6 +154,11 @@ def check(folder: Path, fingerprint: dict, *, has_output: bool, restart: bool, w
         f.unlink(missing_ok=True)
     elif f.is_file():
         old = json.loads(f.read_text())
+        if old.get("format") != FORMAT:
+            raise MoteError(f"{what} in {folder} was fingerprinted by another mote-ray version (format "
+                            f"{old.get('format', 1)}, this one writes {FORMAT}), so this version cannot tell whether "
+                            f"its configuration matches. Rerun with --restart to discard it and start over, or use "
+                            f"another --out")
         diff = changes(old, fingerprint)
         if diff:
             raise MoteError(f"{what} in {folder} was made with a different configuration, and resuming would "

@@ -208,12 +208,12 @@ def output_fingerprint(config: GenerateConfig) -> dict:
     """What determines a chain: the model (its files' content), the engine actually chosen ("auto"
     resolves per machine), the templates, sampling and clipping, and the keep policy. Not the pool or
     batch sizes, which change speed but not output."""
-    from mote_ray.fingerprint import engine_identity
+    from mote_ray.fingerprint import SEEDS, engine_identity
 
     return {**engine_identity(config.engine),
             "templates": config.templates.model_dump(),
             "sampling": {"max_tokens": config.max_tokens, "temperature": config.temperature, "top_p": config.top_p,
-                         "seed": config.seed},
+                         "seed": config.seed, "seeds": SEEDS},
             "policy": config.policy,
             "clipping": {"question_tokens": config.question_tokens, "history_tokens": config.history_tokens}}
 

@@ -22,7 +22,15 @@ def test_same_fingerprint_resumes_changed_one_is_refused_restart_clears(tmp_path
     assert (out / "chains" / "part-1.parquet").exists()
     fingerprint.check(out, changed, has_output=True, restart=True, what="chains", clear=[out / "chains"])
     assert not (out / "chains").exists()
-    assert json.loads((out / "fingerprint.json").read_text()) == changed
+    assert json.loads((out / "fingerprint.json").read_text()) == {"format": fingerprint.FORMAT, **changed}
+
+
+def test_a_fingerprint_of_another_format_is_named_as_such_not_diffed(tmp_path):
+    """An output fingerprinted by an older mote-ray (other fields, another seed scheme) is refused as
+    such, not with a field-by-field diff blaming settings the user never changed."""
+    (tmp_path / "fingerprint.json").write_text(json.dumps({"model": {"path": "/m", "weights": {}}}))
+    with pytest.raises(MoteError, match=r"another mote-ray version \(format 1, this one writes 2\).*--restart"):
+        fingerprint.check(tmp_path, {"model": {"files": {}}}, has_output=True, restart=False, what="chains")
 
 
 def test_output_without_a_fingerprint_is_not_resumed_blindly(tmp_path):

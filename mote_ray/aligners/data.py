@@ -174,9 +174,9 @@ def data_fingerprint(config: AlignerDataConfig) -> dict:
     and examples, budgets, sampling, the cleaning threshold, and the topics questions are written
     from. Not the pool, nor the prompts: rows are keyed by question, so more prompts resume."""
     from mote_ray.aligners.criteria import get_criteria
-    from mote_ray.fingerprint import engine_identity
+    from mote_ray.fingerprint import SEEDS, engine_identity
 
-    return {**engine_identity(config.engine),
+    return {**engine_identity(config.engine), "seeds": SEEDS,
             "criteria": {c.name: dataclasses.asdict(c) for c in get_criteria(config.criteria)},
             **config.model_dump(exclude={"engine", "pool", "criteria"})}
 
