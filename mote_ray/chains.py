@@ -78,6 +78,18 @@ def advance(state: ChainState, stage: Stage, text: str) -> None:
             state.next = None  # unsafe after all stages: the policy decides (generation.py)
 
 
+def turn_overhead(tokenizer) -> int:
+    """Tokens the chat template adds around one turn of history (role markers, separators), rounded
+    up: what `history_tokens` must count besides a turn's text for the budget to bound the prompt."""
+    from mote_ray.chat import encode
+
+    def n(turns: int) -> int:
+        msgs = [{"role": ("user", "assistant")[i % 2], "content": "x"} for i in range(turns)]
+        return len(encode(tokenizer, GenerationRequest(messages=msgs + [{"role": "user", "content": "x"}])))
+
+    return max(0, -(-(n(2) - n(0) - 2) // 2))
+
+
 class ChainBuilder:
     """Runs chains for a batch of prompts against one engine."""
 
@@ -87,6 +99,7 @@ class ChainBuilder:
         self.max_tokens = max_tokens
         self.question_tokens, self.history_tokens = question_tokens, history_tokens
         self.max_model_len = engine.config.max_model_len
+        self.turn_tokens = turn_overhead(engine.tokenizer)
 
     def start(self, rows: list[dict]) -> list[ChainState]:
         return [ChainState(id=r["id"], history=self._clip_history(r.get("history") or []),
@@ -138,10 +151,11 @@ class ChainBuilder:
         return text if len(ids) <= n_tokens else tok.decode(ids[:n_tokens])
 
     def _clip_history(self, history: list[dict]) -> list[dict]:
-        """Keep the most recent turns that fit the history budget (the stored record keeps all of them)."""
+        """Keep the most recent turns that fit the history budget, each counted as it is rendered (its
+        text and the chat template's markers around it); the stored record keeps all of them."""
         kept, used = [], 0
         for turn in reversed(history):
-            n = len(self.engine.tokenizer(turn["content"], add_special_tokens=False)["input_ids"])
+            n = len(self.engine.tokenizer(turn["content"], add_special_tokens=False)["input_ids"]) + self.turn_tokens
             if used + n > self.history_tokens:
                 break
             kept.append(turn)

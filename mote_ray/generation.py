@@ -75,7 +75,7 @@ class GenerateConfig(BaseModel):
     # `drop` sets kept=false. Either way the row and its attempts stay in chains/ (nothing is lost).
     policy: Literal["keep_flagged", "drop"] = "keep_flagged"
     question_tokens: int = Field(48, ge=8)  # longer questions are clipped in stage prompts
-    history_tokens: int = Field(24, ge=0)   # oldest turns beyond this are left out of stage prompts
+    history_tokens: int = Field(48, ge=0)   # earlier turns (text + template markers) over this are left out
     # Chains in flight per engine call; None = the whole batch in lockstep. A smaller number lets new
     # prompts start while others are at later stages (one engine call then mixes stages).
     max_active: int | None = Field(None, ge=1)
@@ -102,9 +102,10 @@ class GenerateConfig(BaseModel):
         return self
 
 
-def check_context(config: GenerateConfig, tokenizer) -> dict[str, int]:
+def check_context(config: GenerateConfig, tokenizer, model_context: int | None = None) -> dict[str, int]:
     """The longest prompt each stage can get, measured with this model's tokenizer and chat template:
-    the templates' own text plus every text it quotes at its budget (history as one exchange). Raises,
+    the templates' own text plus every text it quotes at its budget (the history budget counts each
+    turn's template markers too: chains.turn_overhead). Raises,
     naming the numbers, when a stage could not then write its own budget: such a chain would end as an
     error row (chains.py) or with its answer cut short. Returns tokens needed per stage."""
     from mote_ray.chat import encode
@@ -113,14 +114,17 @@ def check_context(config: GenerateConfig, tokenizer) -> dict[str, int]:
     from mote_ray.stages import Stage
 
     m, ctx, t = config.max_tokens, config.engine.max_model_len, config.templates
-    history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}] if config.history_tokens else []
+    if model_context and ctx > model_context:
+        raise MoteError(f"engine.max_model_len={ctx} is longer than this model's context ({model_context} positions): "
+                        f"lower it and the budgets with it (a config sized for a real model, e.g. jobs/configs/"
+                        f"generate.yaml, does not fit the offline default; run that without --config)")
     quoted = {"analysis": ["question"], "guidance": ["question", "analysis"],
               "answer": ["history", "question", "analysis", "guidance"], "check": ["question", "answer"]}
     budget = {"history": config.history_tokens, "question": config.question_tokens, **m}
     need, parts = {}, {}
     for stage in Stage:
         x = {k: "x" for k in ("analysis", "guidance", "answer") if k in quoted[stage.value]}
-        msgs = t.messages(stage, history, "x", **x)
+        msgs = t.messages(stage, [], "x", **x)
         template = len(encode(tokenizer, GenerationRequest(messages=msgs)))  # each "x" stands for its budget
         parts[stage.value] = {"template text": template, **{k: budget[k] for k in quoted[stage.value]},
                               f"max_tokens.{stage.value}": m[stage.value]}
@@ -229,7 +233,8 @@ def run_generate(config: GenerateConfig, prompts: list[str], out: str | Path, *,
     from mote_ray.chat import load_tokenizer
     from mote_ray.models import resolve_model
 
-    check_context(config, load_tokenizer(resolve_model(config.engine.model, config.engine.gguf_file)))
+    resolved = resolve_model(config.engine.model, config.engine.gguf_file)
+    check_context(config, load_tokenizer(resolved), resolved.hf_config().get("max_position_embeddings"))
     out = Path(out)
     fingerprint.check(out, output_fingerprint(config), has_output=bool(chain_files(out)), restart=restart,
                       what="generated chains",

@@ -65,7 +65,7 @@ def test_prompt_that_cannot_fit_is_an_error_not_a_crash(tok):
 
 def test_history_is_clipped_to_recent_turns(tok):
     _, builder = build(tok, {"alpha": ["SAFE"]})
-    builder.history_tokens = 20
+    builder.history_tokens = 40  # each turn counts its text and the chat template's markers around it
     hist = [{"role": "user", "content": "old " * 30}, {"role": "assistant", "content": "old reply " * 10},
             {"role": "user", "content": "recent"}, {"role": "assistant", "content": "ok"}]
     [s] = builder.start([{"id": "x", "question": "alpha", "history": hist}])

@@ -84,7 +84,7 @@ def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers()
 
     # What jobs/configs/pipeline.yaml shipped: 256/256/512 budgets against max_model_len 512.
     with pytest.raises(ValidationError, match=r"engine.max_model_len=512.*max_tokens.analysis 256 .*max_tokens.answer "
-                                              r"512 = 1096 tokens.*Lower some of these by 584"):
+                                              r"512 = 1120 tokens.*Lower some of these by 608"):
         PipelineConfig(generate={"max_tokens": {"analysis": 256, "guidance": 256, "answer": 512, "check": 8}})
     with pytest.raises(ValidationError, match="eval_max_tokens 512"):
         PipelineConfig(eval_max_tokens=512)
@@ -111,11 +111,24 @@ def test_the_longest_chain_fits_the_context_as_measured_with_the_models_own_temp
                         GenerateConfig(**load_yaml(here / "pipeline.yaml")["generate"])):
             need = check_context(shipped, tok)
             assert max(need.values()) <= shipped.engine.max_model_len
+        # The shipped YAMLs are sized for a real model's context; on a 512-position model they are refused.
+        with pytest.raises(MoteError, match=r"engine.max_model_len=2048 is longer than this model's context \(512"):
+            check_context(GenerateConfig(**load_yaml(here / "generate.yaml")), tok, 512)
+    from mote_ray.chains import ChainBuilder, turn_overhead
+    from mote_ray.records import SamplingParams
+    from mote_ray.stages import Templates
+
+    from .fakes import ScriptedEngine
+
     tok, cfg = load_tokenizer(resolve_model(None)), GenerateConfig()
     m = cfg.max_tokens
     full = (lambda n: ("word " * n)[:n])  # n tokens for the byte-level tokenizer
-    history = [{"role": "user", "content": full(cfg.history_tokens // 2)},
-               {"role": "assistant", "content": full(cfg.history_tokens // 2)}]
+    # The longest history the builder keeps: here two turns whose texts and markers use the whole budget.
+    each = cfg.history_tokens // 2 - turn_overhead(tok)
+    history = [{"role": "user", "content": full(each)}, {"role": "assistant", "content": full(each)}]
+    builder = ChainBuilder(ScriptedEngine(tok, {}), Templates(), m, SamplingParams(), cfg.question_tokens,
+                           cfg.history_tokens)
+    assert builder._clip_history(history) == history
     msgs = cfg.templates.messages(Stage.ANSWER, history, full(cfg.question_tokens), full(m["analysis"]),
                                   full(m["guidance"]))
     longest = len(encode(tok, GenerationRequest(messages=msgs)))
