@@ -14,4 +14,8 @@ from mote_ray.serving.deployments import build
 
 
 def build_app(args: ServeConfig) -> Application:
-    return build(args)  # a dict from any other caller is validated into a ServeConfig there
+    args = ServeConfig.model_validate(args)  # a dict from any other caller
+    if args.loopback_only:  # only `mote-ray serve` knows its host is loopback; a config's http_options may not be
+        raise ValueError("loopback_only is set by `mote-ray serve` from --host; a Serve config must give "
+                         "api_key_env / api_keys_file, or insecure: true to serve without a key")
+    return build(args)

@@ -76,6 +76,15 @@ def test_serve_app_refuses_a_typo_or_bad_arg_at_build_naming_it(change, field, n
         assert f"input_value={change[field]!r}" in str(e.value)  # the message shows the bad value
 
 
+def test_a_serve_config_cannot_claim_loopback_to_skip_the_key():
+    """serve/config.yaml listens on 0.0.0.0: `loopback_only: true` there would serve with no key."""
+    from serve.app import build_app
+
+    args = {**load_yaml(SERVE_YAML)["applications"][0]["args"], "api_key_env": None, "loopback_only": True}
+    with pytest.raises(ValueError, match="loopback_only is set by `mote-ray serve`"):
+        build_app(args)
+
+
 def test_stage_budgets_over_the_context_are_refused_on_load_naming_the_numbers():
     from pydantic import ValidationError
 
