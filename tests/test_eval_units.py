@@ -354,3 +354,33 @@ def test_modes_of_one_mote_model_share_one_answering_job(tmp_path, monkeypatch):
     assert [r["id"] for r in adaptive] == ["harmlessness:1", "harmlessness:2"] and [r["id"] for r in direct] == ["harmlessness:1"]
     assert {r["response"] for r in adaptive} == {"adaptive answer"} and direct[0]["response"] == "direct answer"
     assert all("mode" not in r for r in adaptive + direct)
+
+
+def test_mote_responder_answers_each_row_in_its_own_mode_and_times_modes_apart():
+    """The responder side of the grouping (no engine): a batch mixing modes is answered per mode, with
+    that mode's stage room, and a prompt too long for its mode's room is an error row, not dropped."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from mote_ray.eval.responders import MoTEResponder
+
+    calls = []
+
+    def generate_many(prompts, mode, limits):
+        calls.append((mode, len(prompts)))
+        stages = {"direct": ["answer"]}.get(mode, ["analysis", "guidance", "answer"])
+        return [SimpleNamespace(answer=f"{mode}:{len(p)}", stages={s: "" for s in stages}, token_ids=[1, 2])
+                for p in prompts]
+
+    responder = MoTEResponder.__new__(MoTEResponder)
+    responder.mode, responder.limits = None, {"analysis": 8, "guidance": 8, "answer": 8}
+    responder.mote = SimpleNamespace(spec=SimpleNamespace(max_len=40), name="fake", generate_many=generate_many,
+                                     encode_chat=lambda prompt: [0] * len(prompt.split()))
+    rows = [{"id": "a", "prompt": "one two", "mode": "full"}, {"id": "b", "prompt": "one", "mode": "direct"},
+            {"id": "c", "prompt": "w " * 20, "mode": "full"}, {"id": "d", "prompt": "w " * 20, "mode": "direct"}]
+    out = {r["id"]: r for r in responder(pa.Table.from_pylist(rows)).to_pylist()}
+    assert calls == [("full", 1), ("direct", 2)]  # full: 40 - 3*8 - 6 = 10 tokens of room; direct: 30
+    assert out["a"]["response"] == "full:2" and out["b"]["response"] == "direct:1" and out["d"]["response"] == "direct:20"
+    assert out["c"]["response"] is None and "room for 10" in out["c"]["error"]
+    assert out["b"]["stages"] == ["answer"] and out["a"]["stages"] == ["analysis", "guidance", "answer"]

@@ -121,12 +121,14 @@ class MoTEResponder:
                          error=f"prompt has {len(ids)} tokens; this model has room for {room} with its stage limits")
             else:
                 todo.append((r, ids, mode))
-        t0 = time.perf_counter()
-        outs = self.mote.generate_many([ids for _, ids, _ in todo], mode=[m for *_, m in todo], limits=self.limits)
-        seconds = (time.perf_counter() - t0) / max(1, len(todo))  # the batch's wall time, shared
-        for (r, _, _), out in zip(todo, outs):
-            r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
-                     seconds=seconds, error=None, engine=self.mote.name)
+        for mode in dict.fromkeys(m for *_, m in todo):  # one batch per mode, so each mode's time is its own
+            mine = [(r, ids) for r, ids, m in todo if m == mode]
+            t0 = time.perf_counter()
+            outs = self.mote.generate_many([ids for _, ids in mine], mode=mode, limits=self.limits)
+            seconds = (time.perf_counter() - t0) / len(mine)  # the batch's wall time, shared
+            for (r, _), out in zip(mine, outs, strict=True):
+                r.update(response=out.answer, stages=list(out.stages), completion_tokens=len(out.token_ids),
+                         seconds=seconds, error=None, engine=self.mote.name)
         record_eval_answered(rows)
         return pa.Table.from_pylist([{"engine": self.mote.name, **r} for r in rows])
 

@@ -37,12 +37,10 @@ class OfflineMoTE:
 
         return encode(self.tok, GenerationRequest(messages=[{"role": "user", "content": prompt}]))
 
-    def generate_many(self, prompts: Sequence[list[int]], mode: Mode | Sequence[Mode] = "adaptive",
-                      limits: dict | None = None, temperature: float = 0.0, seed: int | None = None) -> list[MoTEOutput]:
-        """One chain per prompt, all in one batch; `mode` is one for all or one per prompt."""
-        modes = [mode] * len(prompts) if isinstance(mode, str) else list(mode)
-        chains = [chain(self.spec, p, self.decode, mode=m, limits=limits, temperature=temperature, seed=seed)
-                  for p, m in zip(prompts, modes)]
+    def generate_many(self, prompts: Sequence[list[int]], mode: Mode = "adaptive", limits: dict | None = None,
+                      temperature: float = 0.0, seed: int | None = None) -> list[MoTEOutput]:
+        chains = [chain(self.spec, p, self.decode, mode=mode, limits=limits, temperature=temperature, seed=seed)
+                  for p in prompts]
         return run_chains(self.engine.run, chains)
 
     def close(self) -> None:
