@@ -84,7 +84,11 @@ def test_data_job_on_real_engine_output(squad_dir):
     d, stats, _ = squad_dir
     topic = [json.loads(line) for line in (d / "data/topic_questions.jsonl").open()]
     assert len(topic) == 2 and all(t["topic"] == "cooking" for t in topic)  # written by the model
-    assert 24 <= stats["rows"] <= 28 and stats["input_rejects"] == 1  # the empty question, with its reason
+    assert topic[0]["prompt"] != topic[1]["prompt"]  # each ask has its own seed (one seed gave twins)
+    # 12 questions + the usable topic ones, x 2 criteria; the empty question and any unusable topic
+    # question are rejects with their reasons.
+    unusable = sum(not t["prompt"].strip() for t in topic)
+    assert stats["input_rejects"] == 1 + unusable and stats["rows"] == 2 * (12 + 2 - unusable)
     assert set(stats["per_criterion"]) == {"ethical", "helpful"}
     rows = [r for f in sorted((d / "data/data").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
     for r in rows:

@@ -129,3 +129,6 @@ def test_sampled_chains_do_not_depend_on_batch_neighbours_on_a_real_engine(tiny_
                               {"id": "a", "question": "Tell me a story.", "history": []}]))
     assert pair[1] == alone[0]  # the same request, another neighbour: the same tokens
     assert pair[0] != pair[1]  # the same question under another id draws its own sample
+    longer = {"id": "c", "question": "Once upon a time there was a little dog who " * 3,
+              "history": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]}
+    assert texts(builder.run([longer, {"id": "a", "question": "Tell me a story.", "history": []}]))[1] == alone[0]

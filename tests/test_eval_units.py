@@ -326,6 +326,13 @@ def test_label_reader_rejects_duplicates_and_bad_labels(tmp_path, monkeypatch, c
     assert "3 rows rejected" in capsys.readouterr().err
     written = [json.loads(line) for line in (tmp_path / "judge.rejects.jsonl").read_text().splitlines()]
     assert [w["row"] for w in written] == [3, 4, 5] and all(w["reason"] for w in written)
+    # A file with no usable row says why in the error itself (no rejects file is written then).
+    g = tmp_path / "wrong.csv"
+    g.write_text("question,answer,label\nq1,Sure.,0\n")
+    from mote_ray.errors import MoteError
+
+    with pytest.raises(MoteError, match=r"1 rejected: 1 x no objective, assistant_response, human_score column"):
+        read_labels([g])
 
 
 def test_modes_of_one_mote_model_share_one_answering_job(tmp_path, monkeypatch):

@@ -146,7 +146,8 @@ def run_aligner_data(config: AlignerDataConfig, prompts: list[str], out: str | P
     rows, rejects = read_prompts(prompts) if prompts else ([], [])
     rows = rows[:limit] if limit else rows
     if config.topics:
-        rows += topic_questions(config, out)
+        topic_rows, topic_rejects = topic_questions(config, out)
+        rows, rejects = rows + topic_rows, rejects + topic_rejects
     done = set(read_data(out).column("id").to_pylist()) if list((out / "data").glob("part-*.parquet")) else set()
     todo = [{"id": f"{r.id}:{c.name}", "prompt_id": r.id, "question": r.question, "criterion": c.name}
             for r in rows for c in criteria if f"{r.id}:{c.name}" not in done]
@@ -196,9 +197,9 @@ def _generate(config: AlignerDataConfig, todo: list[dict], out: Path) -> None:
         write_atomic(batch.cast(SCHEMA), out / "data")  # a killed job keeps every finished batch
 
 
-def topic_questions(config: AlignerDataConfig, out: Path) -> list:
+def topic_questions(config: AlignerDataConfig, out: Path) -> tuple[list, list]:
     """Questions the model writes from seed topics (Ray Data over the engine), kept in OUT/topic_questions.jsonl
-    so a rerun asks the same questions."""
+    so a rerun asks the same questions; returns (rows, rejects) like inputs.read_prompts."""
     import ray
 
     from mote_ray.cluster import init_ray
@@ -219,8 +220,7 @@ def topic_questions(config: AlignerDataConfig, out: Path) -> list:
         done = map_engine(ds, config.engine, config.pool, sampling=SamplingParams()).take_all()
         cache.write_text("".join(json.dumps({"prompt": r["text"].strip(), "topic": r["id"].split("#")[0]}) + "\n"
                                  for r in done))
-    rows, _ = read_prompts([str(cache)])  # empty or repeated questions are dropped here
-    return rows
+    return read_prompts([str(cache)])  # empty or repeated questions become rejects here
 
 
 def read_data(out: str | Path) -> pa.Table:

@@ -136,8 +136,11 @@ def read_labels(paths: Sequence[str | Path]) -> tuple[list[dict], list[Reject]]:
             seen[key] = (f"{path}:{n}", r["human_score"].strip())
             rows.append({"objective": r["objective"], "response": r["assistant_response"],
                          "label": int(r["human_score"])})
-    if not rows:
-        raise MoteError(f"no labelled rows in {', '.join(map(str, paths))} ({len(rejects)} rejected)")
+    if not rows:  # the reasons too: no rejects file is written for a fit that cannot start
+        from collections import Counter
+
+        why = "; ".join(f"{n} x {reason}" for reason, n in Counter(r.reason for r in rejects).most_common(3))
+        raise MoteError(f"no labelled rows in {', '.join(map(str, paths))} ({len(rejects)} rejected: {why})")
     return rows, rejects
 
 
