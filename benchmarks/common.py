@@ -1,12 +1,15 @@
-"""Helpers shared by the benchmark scripts: where the tiny models/data live, and writing results."""
+"""Helpers shared by the benchmark scripts: where the tiny models/data live, running the sides of a
+ratio interleaved over rounds, and writing results."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MOTE_SHARED", ROOT.parent / "shared"))
@@ -44,3 +47,41 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+
+
+def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+    """`fn` as a side that returns its own wall time in seconds."""
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return run
+
+
+def interleave(sides: dict[str, Callable[[], Any]], rounds: int, *, warmup: bool = True) -> dict[str, list]:
+    """Each side's results over `rounds` rounds, the sides run in turn (A, B, A, B, ...), so a slow
+    spell of a shared machine lands on every side alike instead of on whichever ran then. With
+    `warmup`, every side first runs once and its result is dropped (caches, allocator, lazy imports
+    and first-shape work are paid before any round)."""
+    if warmup:
+        for name, fn in sides.items():
+            print(f"warm-up {name}: {fn()}", flush=True)
+    out: dict[str, list] = {name: [] for name in sides}
+    for i in range(rounds):
+        for name, fn in sides.items():
+            out[name].append(fn())
+            print(f"round {i + 1}/{rounds} {name}: {out[name][-1]}", flush=True)
+    return out
+
+
+def summary(xs: list[float]) -> dict:
+    """A ratio over rounds: the median (what `ratios` reports), min, max, spread = (max - min) / median,
+    and every round's value in order."""
+    med = statistics.median(xs)
+    return {"median": med, "min": min(xs), "max": max(xs), "spread": (max(xs) - min(xs)) / med, "runs": list(xs)}
+
+
+def per_round(num: list[float], den: list[float]) -> list[float]:
+    """num[i] / den[i] for each round i (the two sides of a ratio measured in the same round)."""
+    assert len(num) == len(den), "both sides of a ratio need the same rounds"
+    return [a / b for a, b in zip(num, den)]

@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Timer, alpaca_prompts, model, write_result  # noqa: E402
+from common import Timer, alpaca_prompts, interleave, model, per_round, summary, write_result  # noqa: E402
 
 N_PROMPTS, MAX_TOKENS, REPEATS, OVERHEAD_REPEATS = 256, 128, 3, 3
 
@@ -48,10 +48,6 @@ def tokens(results) -> int:
     return sum(r.completion_tokens for r in results)
 
 
-def summary(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
-
-
 def throughput(prompts: list[str]) -> dict:
     from mote_ray.config import EngineConfig
     from mote_ray.engines import create_engine
@@ -61,17 +57,20 @@ def throughput(prompts: list[str]) -> dict:
     for e in engines.values():
         e.generate(requests(prompts[:64]))  # warm-up: one full transformers micro-batch (64 rows)
     reqs = requests(prompts)
-    sides = {"vllm": lambda: engines["vllm"].generate(reqs),
-             "transformers_batched": lambda: engines["transformers"].generate(reqs),
-             "transformers_one_by_one": lambda: [engines["transformers"].generate([r])[0] for r in reqs]}
-    runs: dict[str, list[dict]] = {k: [] for k in sides}
-    for _ in range(REPEATS):
-        for name, fn in sides.items():
+
+    def side(fn):
+        def run() -> dict:
             with Timer() as t:
                 results = fn()
-            runs[name].append({"prompts": len(results), "tokens": tokens(results), "seconds": t.seconds,
-                               "tokens_per_s": tokens(results) / t.seconds})
-            print(f"{name}: {runs[name][-1]}", flush=True)
+            return {"prompts": len(results), "tokens": tokens(results), "seconds": t.seconds,
+                    "tokens_per_s": tokens(results) / t.seconds}
+        return run
+
+    runs = interleave({"vllm": side(lambda: engines["vllm"].generate(reqs)),
+                       "transformers_batched": side(lambda: engines["transformers"].generate(reqs)),
+                       "transformers_one_by_one": side(lambda: [engines["transformers"].generate([r])[0]
+                                                                for r in reqs])},
+                      REPEATS, warmup=False)  # warmed up above, on a shorter batch
     for e in engines.values():
         e.close()
     return runs
@@ -109,15 +108,15 @@ def overhead(prompts: list[str]) -> dict:
     from mote_ray.cluster import init_ray
 
     init_ray(num_cpus=os.cpu_count())
-    runs: dict[str, list[dict]] = {"raw_engine_job": [], "ray_data_job": []}
-    for _ in range(OVERHEAD_REPEATS):
+
+    def raw_engine_job() -> dict:
         p = subprocess.run([sys.executable, __file__, "--raw-job"], capture_output=True, text=True, check=True,
                            env={**os.environ, "RAY_ADDRESS": ""})
         line = next(ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT "))
-        runs["raw_engine_job"].append(json.loads(line.removeprefix("RESULT ")))
-        print(f"raw engine job: {runs['raw_engine_job'][-1]}", flush=True)
-        runs["ray_data_job"].append(ray_data_job(prompts))
-        print(f"ray data job: {runs['ray_data_job'][-1]}", flush=True)
+        return json.loads(line.removeprefix("RESULT "))
+
+    runs = interleave({"raw_engine_job": raw_engine_job, "ray_data_job": lambda: ray_data_job(prompts)},
+                      OVERHEAD_REPEATS, warmup=False)
     import ray
 
     ray.shutdown()
@@ -130,11 +129,10 @@ def main() -> None:
     ov = overhead(prompts)
     for side in (*tp.values(), *ov.values()):
         assert all(r["prompts"] == N_PROMPTS for r in side), "every side must answer the same prompts"
-    rounds = range(REPEATS)
-    v_hf = [tp["vllm"][i]["tokens_per_s"] / tp["transformers_batched"][i]["tokens_per_s"] for i in rounds]
-    b_s = [tp["transformers_batched"][i]["tokens_per_s"] / tp["transformers_one_by_one"][i]["tokens_per_s"]
-           for i in rounds]
-    over = [ov["ray_data_job"][i]["seconds"] / ov["raw_engine_job"][i]["seconds"] for i in range(OVERHEAD_REPEATS)]
+    tps = {k: [r["tokens_per_s"] for r in v] for k, v in tp.items()}
+    v_hf = per_round(tps["vllm"], tps["transformers_batched"])
+    b_s = per_round(tps["transformers_batched"], tps["transformers_one_by_one"])
+    over = per_round([r["seconds"] for r in ov["ray_data_job"]], [r["seconds"] for r in ov["raw_engine_job"]])
     spread = {"vllm_vs_transformers_batched": summary(v_hf), "transformers_batched_vs_one_by_one": summary(b_s),
               "ray_data_overhead": summary(over)}
     def side(runs: list[dict], key: str) -> dict:  # one entry per side: its prompt count, median, every run
