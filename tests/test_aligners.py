@@ -103,7 +103,11 @@ def test_aligner_training_lowers_the_loss_after_aligned_and_inspectors_score(squ
     _, _, squad = squad_dir
     for criterion, m in squad["metrics"].items():
         a = m["aligner"]
-        assert a["last_loss"] < a["first_loss"] and a["held_out_loss_after"] < a["held_out_loss_before"], criterion
+        # The training loss falls; the held-out loss is measured and reported, but the tiny model's own
+        # story text as y' makes no promise that it falls (CI saw 3.02 -> 3.13 on one seed): that it
+        # falls on rows the aligner never saw is asserted on the okay fixture below, whose y' is learnable.
+        assert a["last_loss"] < a["first_loss"], criterion
+        assert all(isinstance(a[k], float) and a[k] > 0 for k in ("held_out_loss_before", "held_out_loss_after"))
         i = m["inspector"]
         # Held out by pair: both texts of each held-out pair, so AUC is defined (separability is
         # tested on a fixture below; the tiny model's drafts make no promise about it).
@@ -121,7 +125,8 @@ def okay_run(ray_local, tiny_model_hd32, tmp_path_factory):
     d = tmp_path_factory.mktemp("okay")
     cfg = AlignerTrainConfig(model=tiny_model_hd32, max_steps=None, epochs=3, lr=1e-2, batch_size=1, workers=2,
                              storage_path=str(d / "storage"))
-    metrics = train_aligner(cfg, "okay", rows, rows[:2], d / "squad")
+    held = [{"question": f"Question {i}?", "draft": f"Draft {i}.", "corrected": "OK."} for i in (97, 98)]  # unseen
+    metrics = train_aligner(cfg, "okay", rows, held, d / "squad")
     return d, metrics
 
 
@@ -153,6 +158,8 @@ def test_aligner_outputs_come_back_through_the_checkpoint_and_mlflow_holds_the_r
     assert run.info.run_name == "aligner-okay" and run.info.status == "FINISHED"
     assert [x.step for x in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 25))
     assert run.data.metrics["held_out_loss_after"] == pytest.approx(m["held_out_loss_after"])
+    # rows it never trained on: learning to write "OK." [DONE] after [ALIGNED] lowers their loss
+    assert m["held_out_loss_after"] < 0.5 * m["held_out_loss_before"]
 
 
 def test_aligner_loss_is_on_the_completion_only(tiny_model_hd32, tmp_path):
