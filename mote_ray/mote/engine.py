@@ -123,12 +123,14 @@ class VLLMMoTEEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
+        from mote_ray.engines.vllm_engine import in_process_core
         from mote_ray.mote.vllm_dir import ensure_vllm_dir
 
         kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization, dtype)
         self.V = json.loads((Path(kwargs["model"]) / "config.json").read_text())["mote"]["base_vocab_size"]
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
-        self.llm = LLM(**kwargs)
+        with in_process_core(_device() == "cpu"):
+            self.llm = LLM(**kwargs)
         self.choice_reason = "vLLM MoTE model (exact, token-routed experts)"
 
     def run(self, requests: list[StageRequest]) -> list[StageResult]:
@@ -139,7 +141,10 @@ class VLLMMoTEEngine:
         return [_from_vllm(r, o.outputs[0], self.V, o.num_cached_tokens) for r, o in zip(requests, outs)]
 
     def close(self) -> None:
-        self.llm = None
+        from mote_ray.engines.vllm_engine import shutdown_llm
+
+        llm, self.llm = self.llm, None
+        shutdown_llm(llm)
 
 
 class AsyncVLLMMoTEEngine:
