@@ -28,12 +28,35 @@ def alpaca_prompts(n: int) -> list[str]:
     return [f"Write a short story about a cat named number {i}." for i in range(n)]
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector flags that decide fp32/bf16 speed (bf16 is emulated without avx512_bf16/amx)."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+
+
+def commit() -> str | None:
+    """The checkout's commit, "+dirty" when it has uncommitted changes: which code wrote a result."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
 def write_result(name: str, ratios: dict, **raw) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
     payload = {"ratios": {k: round(v, 4) for k, v in ratios.items()}, **raw,
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags(),
+                           "commit": commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     out.write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload["ratios"], indent=2))
     print(f"wrote {out}")

@@ -110,7 +110,7 @@ def overhead(prompts: list[str]) -> dict:
     init_ray(num_cpus=os.cpu_count())
 
     def raw_engine_job() -> dict:
-        p = subprocess.run([sys.executable, __file__, "--raw-job"], capture_output=True, text=True, check=True,
+        p = subprocess.run([sys.executable, __file__, "--raw-job"], capture_output=True, text=True, check=True, timeout=3600,
                            env={**os.environ, "RAY_ADDRESS": ""})
         line = next(ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT "))
         return json.loads(line.removeprefix("RESULT "))

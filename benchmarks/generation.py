@@ -6,7 +6,8 @@
 `run_generate` end to end (local Ray start, actor + engine start-up, Ray Data, Parquet writes,
 stats). Every side is a whole job in a fresh process (Python start, imports and engine start-up
 inside every timing, as a user runs it), timed from here; throughput = generated tokens/s and
-prompts/s. Each side first runs once on WARMUP_PROMPTS prompts (disk caches, vLLM's compile cache),
+prompts/s. The raw side runs with one thread, as Ray runs an engine actor given one CPU. Each
+side first runs once on WARMUP_PROMPTS prompts (disk caches, vLLM's compile cache),
 then the sides take turns (raw, job with 1 actor, job with 2 actors, raw, ...) for ROUNDS rounds
 (common.interleave); each ratio is taken per round, `ratios` holds its median and `spread` every
 round's value. ROUNDS is 2 by default: a round is ~7 minutes of N_PROMPTS prompts on 3 sides here,
@@ -79,8 +80,11 @@ def side(*args: str):
     """A side: this script as a fresh process (`--child ARGS`), timed from here, with its RESULT line."""
     def run() -> dict:
         t0 = time.perf_counter()
+        # The raw side gets the one thread Ray gives an engine actor with 1 CPU (OMP_NUM_THREADS=1),
+        # so the ratio is the job's overhead, not a thread count.
+        threads = {"OMP_NUM_THREADS": "1"} if args[0] == "raw" else {}
         p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                           env={**os.environ, "RAY_ADDRESS": ""})
+                           env={**os.environ, "RAY_ADDRESS": "", **threads}, timeout=3600)
         seconds = time.perf_counter() - t0
         if p.returncode:
             sys.exit(f"{' '.join(args)} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
@@ -110,6 +114,7 @@ def main() -> None:
                   "raw_prompts_per_s": summary(pps["raw_engine"])["median"]},
                  spread=spread, raw=runs,
                  config={"engine": ENGINE, "model": model(), "prompts": N_PROMPTS, "greedy": True, "rounds": ROUNDS,
+                         "max_tokens": config(1).max_tokens, "raw_side_threads": 1,
                          "warmup_prompts": WARMUP_PROMPTS,
                          "order": "each side once on the warm-up prompts, then raw, job 1 actor, job 2 actors in "
                                   "turn for each round; ratios = median over rounds of the per-round ratio",

@@ -159,7 +159,7 @@ def test_aligner_outputs_come_back_through_the_checkpoint_and_mlflow_holds_the_r
     assert [x.step for x in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 25))
     assert run.data.metrics["held_out_loss_after"] == pytest.approx(m["held_out_loss_after"])
     # rows it never trained on: learning to write "OK." [DONE] after [ALIGNED] lowers their loss
-    assert m["held_out_loss_after"] < 0.5 * m["held_out_loss_before"]
+    assert m["held_out_rows"] == 2 and m["held_out_loss_after"] < 0.5 * m["held_out_loss_before"]
 
 
 def test_aligner_loss_is_on_the_completion_only(tiny_model_hd32, tmp_path):

@@ -9,6 +9,8 @@ from mote_ray.errors import MoteError, UnsupportedModelError
 from mote_ray.models import resolve_model
 from mote_ray.records import GenerationRequest, SamplingParams
 
+from .conftest import requires_vllm
+
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park. They saw a"]
 
 
@@ -119,3 +121,39 @@ def test_vllm_seeds_each_request_on_gpu(tiny_model_hd32):
         assert len({tuple(engine.generate([seeded(0, PROMPTS[0], s)])[0].token_ids) for s in range(4)}) > 1
     finally:
         engine.close()
+
+
+@pytest.mark.vllm
+@requires_vllm
+def test_cpu_engine_core_runs_here_once_and_leaves_the_caller_as_it_was(tiny_model_hd32):
+    """On CPU the first offline vLLM engine's core runs in this process (in_process_core); one
+    built while it lives gets a process of its own, since closing the first tears down this
+    process's vLLM state. Start-up leaves the caller's generators and torch.set_num_threads alone."""
+    import os
+    import random
+
+    import numpy as np
+    import torch
+
+    from mote_ray.engines import vllm_engine
+
+    assert vllm_engine._cores_here == 0, "an earlier test left an in-process vLLM engine open"
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone()
+    set_threads = torch.set_num_threads
+    cfg = EngineConfig(model=tiny_model_hd32, engine="vllm")
+    a = create_engine(cfg)
+    b = create_engine(cfg)
+    assert a.core_here and not b.core_here and vllm_engine._cores_here == 1
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2]) and torch.set_num_threads is set_threads
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    reqs = _reqs(["Once upon a time"], max_tokens=12, temperature=0.0)
+    expected = a.generate(reqs)[0].token_ids
+    a.close()
+    assert b.generate(reqs)[0].token_ids == expected  # its own process: untouched by a's shutdown
+    b.close()
+    c = create_engine(cfg)  # alone again: here
+    assert c.core_here and c.generate(reqs)[0].token_ids == expected
+    c.close()
+    assert vllm_engine._cores_here == 0

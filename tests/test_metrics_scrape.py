@@ -63,6 +63,9 @@ def test_dashboard_covers_the_four_jobs_and_is_importable():
 def test_every_dashboard_metric_has_a_nonzero_sample_in_a_live_scrape(tmp_path):
     if not (MODELS / "stories260K").is_dir():
         pytest.skip(f"needs {MODELS} (set MOTE_SHARED)")
+    import ray
+
+    ray.shutdown()  # the script starts its own Ray, as from a shell: two instances on 2 CPUs slow both
     out = tmp_path / "metrics.json"
     env = {**os.environ, "MOTE_SHARED": str(SHARED), "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metrics_scrape.py"), "--out", str(out)],

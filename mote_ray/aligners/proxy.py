@@ -87,7 +87,7 @@ class SquadProxy:
         headers = {**self._headers(), **({"Content-Type": "application/json"} if content is not None else {})}
         try:
             r = await self.client.request(method, self.upstream + path, content=content, headers=headers)
-        except (httpx.ConnectError, httpx.TimeoutException, httpx.RemoteProtocolError) as e:
+        except httpx.TransportError as e:  # refused, reset, timed out, closed mid-answer: all "unavailable"
             return None, _error(503, f"upstream {self.upstream} unavailable ({type(e).__name__}); retry", "upstream_unavailable")
         if r.status_code >= 500:
             status = 503 if r.status_code == 503 else 502

@@ -27,38 +27,66 @@ from mote_ray.records import GenerationRequest, GenerationResult
 CPU_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 
 
+_cores_here = 0  # offline engines whose engine core runs in this process, alive now
+
+
 @contextmanager
-def in_process_core(on_cpu: bool) -> Iterator[None]:
-    """Build an offline `LLM` whose engine core runs in this process on CPU (vLLM V1's in-process
-    client) instead of in a process of its own: the same cores do the same work either way, and
-    the extra process costs a second vLLM import and start-up. Measured here (stories260K-hd32):
-    engine start 18.8 -> 9.3 s, close 3.6 -> 1.5 s, 32K greedy tokens 3.4-3.8 s either way. A user's
-    own VLLM_ENABLE_V1_MULTIPROCESSING is kept; `AsyncLLM` (serving) always runs its core apart.
-    vLLM's CPU worker replaces `torch.set_num_threads` in its process; in-process that would be the
-    caller's, so it is put back."""
+def in_process_core(on_cpu: bool) -> Iterator[bool]:
+    """Build an offline `LLM` on CPU whose engine core runs in this process (vLLM V1's in-process
+    client) instead of in a process of its own: the same cores do the same work either way, and the
+    extra process costs a second vLLM import and start-up. Measured here (stories260K-hd32): engine
+    start 18.8 -> 9.3 s, close 3.6 -> 1.5 s, 32K greedy tokens 3.4-3.8 s either way. Yields whether
+    the core is here; pass that to `shutdown_llm`.
+
+    Only one core lives here at a time: vLLM's model-parallel groups are per process, and a core's
+    shutdown tears them down, so a second engine built while one is alive gets its own process (as
+    does every engine when the user sets VLLM_ENABLE_V1_MULTIPROCESSING, and on GPU). Start-up runs
+    in the caller, so what vLLM changes there is put back: the random, numpy and torch generators it
+    seeds, `torch.set_num_threads` (its CPU worker replaces it), and on a failed start the
+    distributed state it began."""
+    global _cores_here
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     if not on_cpu or key in os.environ:
-        yield
+        yield False
         return
-    import torch
+    import random
 
-    set_num_threads = torch.set_num_threads
+    import numpy as np
+    import torch
+    import vllm.envs as envs
+
+    if _cores_here:
+        envs.disable_envs_cache()  # the live core froze VLLM_* with multiprocessing off
+        yield False
+        return
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state(), torch.set_num_threads
     os.environ[key] = "0"
     try:
-        yield
+        yield True
+        _cores_here += 1
+    except BaseException:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+        raise
     finally:
         os.environ.pop(key, None)
-        torch.set_num_threads = set_num_threads
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        torch.set_num_threads = saved[3]
 
 
-def shutdown_llm(llm) -> None:
-    """Stop an offline `LLM`'s engine core now: in-process, its model and KV memory go here, not at
-    some later garbage collection."""
+def shutdown_llm(llm, here: bool) -> None:
+    """Stop an offline `LLM`'s engine core now: in-process (`here`), its model and KV memory go
+    here, not at some later garbage collection."""
+    global _cores_here
     if llm is None:
         return
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
+    _cores_here -= here
     del llm
     import gc
 
@@ -102,9 +130,9 @@ class VLLMEngine:
         if config.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank, max_loras=config.max_loras)
         try:
-            with in_process_core(on_cpu):
+            with in_process_core(on_cpu) as self.core_here:
                 self.llm = LLM(**kwargs)
-        except (ValueError, RuntimeError, OSError) as e:
+        except Exception as e:  # in-process, start-up errors come as they are (in its own process: RuntimeError)
             raise UnsupportedModelError(f"vLLM cannot load {resolved.name}: {str(e).splitlines()[0][:240]}") from None
         self.adapters: dict[str, object] = {}
 
@@ -150,4 +178,4 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        shutdown_llm(llm)
+        shutdown_llm(llm, self.core_here)

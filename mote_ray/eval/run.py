@@ -54,9 +54,7 @@ def _slug(label: str) -> str:
 
 def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bool = False) -> dict:
     from mote_ray.eval.refusal import RefusalJudge
-    from mote_ray.eval.report import write_reports
-    from mote_ray.eval.responders import ModelSpec, answer_groups, respond_group
-    from mote_ray.eval.suites import mostly_failed, score
+    from mote_ray.eval.responders import ModelSpec
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +74,19 @@ def run_eval(config: EvalConfig, out: str | Path, summary: str = "", restart: bo
         for suite in config.suites:
             rows_by_suite[suite.name], results["suites"][suite.name] = _suite_rows(suite, config.seed, rejects_file)
     llm = _llm_judge(config, api_key)  # after the data checks: a bad file costs no judge engine start
+    try:
+        return _answer_score_report(config, out, specs, rows_by_suite, results, judge, llm, api_key, restart)
+    finally:
+        if llm is not None and llm.engine is not None:
+            llm.engine.close()
+
+
+def _answer_score_report(config, out, specs, rows_by_suite, results, judge, llm, api_key, restart) -> dict:
+    """Each model answers what its cache lacks, then every answer is scored and the report written."""
+    from mote_ray.eval.report import write_reports
+    from mote_ray.eval.responders import answer_groups, respond_group
+    from mote_ray.eval.suites import mostly_failed, score
+
     caches = {s.label: {name: out / "responses" / name / f"{_slug(s.label)}.jsonl" for name in rows_by_suite}
               for s in specs}
     todo = {}

@@ -129,7 +129,7 @@ class VLLMMoTEEngine:
         kwargs = _engine_kwargs(ensure_vllm_dir(model_dir), max_model_len, gpu_memory_utilization, dtype)
         self.V = json.loads((Path(kwargs["model"]) / "config.json").read_text())["mote"]["base_vocab_size"]
         self.max_len, self.per_request_seed = kwargs["max_model_len"], _device() != "cpu"
-        with in_process_core(_device() == "cpu"):
+        with in_process_core(_device() == "cpu") as self.core_here:
             self.llm = LLM(**kwargs)
         self.choice_reason = "vLLM MoTE model (exact, token-routed experts)"
 
@@ -144,7 +144,7 @@ class VLLMMoTEEngine:
         from mote_ray.engines.vllm_engine import shutdown_llm
 
         llm, self.llm = self.llm, None
-        shutdown_llm(llm)
+        shutdown_llm(llm, self.core_here)
 
 
 class AsyncVLLMMoTEEngine:
