@@ -178,4 +178,4 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        shutdown_llm(llm, self.core_here)
+        shutdown_llm(llm, getattr(self, "core_here", False))  # False: the start failed before the core
